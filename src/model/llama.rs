@@ -1,0 +1,421 @@
+//! The decoder: one Llama-form transformer, readable top to bottom.
+//!
+//! RMSNorm, rotary position embeddings (HF's non-interleaved "rotate_half" layout), SwiGLU
+//! MLP, grouped-query attention, optional tied embeddings and optional q/k/v biases (Qwen2).
+//! Tensor names and the `config.json` schema are Hugging Face's, so a checkpoint we write
+//! loads in `transformers.LlamaForCausalLM` and an HF checkpoint of this shape loads here.
+//!
+//! Every op on the training path is one that candle can differentiate. candle's fused
+//! `rms_norm`, `softmax_last_dim`, `rope` and `sdpa` kernels have no backward pass and
+//! silently drop gradients (DESIGN.md, "Known traps"), so norms, rotary and softmax are
+//! written as compositions here; `tests/gradients.rs` checks that every weight learns.
+//!
+//! Shapes: B = batch, T = new tokens, S = keys (cache + new), D = hidden, H = heads,
+//! K = kv heads, E = head dim, V = vocab.
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{Embedding, Linear, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+/// Model hyper-parameters; field names follow HF `LlamaConfig` so `config.json` round-trips.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default)]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default = "default_max_pos")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "default_eps")]
+    pub rms_norm_eps: f64,
+    #[serde(default = "default_theta")]
+    pub rope_theta: f64,
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+    /// Qwen2-style biases on q/k/v projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub bos_token_id: Option<u32>,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+fn default_max_pos() -> usize {
+    2048
+}
+fn default_eps() -> f64 {
+    1e-5
+}
+fn default_theta() -> f64 {
+    10000.0
+}
+
+impl LlamaConfig {
+    pub fn kv_heads(&self) -> usize {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> usize {
+        self.hidden_size / self.num_attention_heads
+    }
+
+    /// Reject configs that would crash or exhaust memory later, with a message a user can act on.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        let c = self;
+        if c.vocab_size == 0 || c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 {
+            return Err("vocab_size, hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
+        }
+        if c.hidden_size % c.num_attention_heads != 0 {
+            return Err(format!(
+                "hidden_size {} is not divisible by num_attention_heads {}",
+                c.hidden_size, c.num_attention_heads
+            ));
+        }
+        if c.head_dim() % 2 != 0 {
+            return Err(format!("head dim {} must be even for rotary embeddings", c.head_dim()));
+        }
+        let kv = c.kv_heads();
+        if kv == 0 || c.num_attention_heads % kv != 0 {
+            return Err(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", c.num_attention_heads));
+        }
+        if c.max_position_embeddings == 0 || c.max_position_embeddings > 1 << 20 {
+            return Err(format!("max_position_embeddings {} is out of range", c.max_position_embeddings));
+        }
+        let params = self.num_parameters() as f64;
+        if params > 20e9 {
+            return Err(format!("model would have {params:.3e} parameters; refusing (limit 2e10)"));
+        }
+        Ok(())
+    }
+
+    /// Parameter count (tied embeddings counted once).
+    pub fn num_parameters(&self) -> usize {
+        let (d, f, v, l) = (self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers);
+        let kvd = self.kv_heads() * self.head_dim();
+        let bias = if self.attention_bias { d + 2 * kvd } else { 0 };
+        let per_layer = d * d + 2 * d * kvd + d * d + 3 * d * f + 2 * d + bias;
+        let head = if self.tie_word_embeddings { 0 } else { v * d };
+        v * d + l * per_layer + d + head
+    }
+
+    /// The `config.json` we write: our fields plus the HF keys `transformers` needs to load it.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("num_key_value_heads".into(), self.kv_heads().into());
+            o.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+            o.insert("model_type".into(), "llama".into());
+            o.insert("hidden_act".into(), "silu".into());
+            o.insert("torch_dtype".into(), "float32".into());
+            o.insert("mlp_bias".into(), false.into());
+        }
+        v
+    }
+}
+
+/// RMSNorm as a differentiable composition: x * rsqrt(mean(x^2) + eps) * w.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn new(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get_with_hints(size, "weight", candle_nn::Init::Const(1.0))?, eps })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
+        let inv = (ms + self.eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// Precomputed rotary tables, [max_pos, E] each (the half-table repeated twice, HF layout).
+#[derive(Clone, Debug)]
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rotary {
+    fn new(cfg: &LlamaConfig, dev: &Device) -> Result<Self> {
+        let e = cfg.head_dim();
+        let inv: Vec<f32> = (0..e / 2).map(|i| 1.0 / (cfg.rope_theta as f32).powf(2.0 * i as f32 / e as f32)).collect();
+        let inv = Tensor::new(inv, dev)?.reshape((1, e / 2))?;
+        let pos = Tensor::arange(0u32, cfg.max_position_embeddings as u32, dev)?.to_dtype(DType::F32)?;
+        let freqs = pos.reshape((cfg.max_position_embeddings, 1))?.broadcast_mul(&inv)?; // [P, E/2]
+        let freqs = Tensor::cat(&[&freqs, &freqs], 1)?; // [P, E]
+        Ok(Self { cos: freqs.cos()?, sin: freqs.sin()? })
+    }
+
+    /// x: [B, H, T, E] at positions start..start+T.
+    fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
+        let (_, _, t, e) = x.dims4()?;
+        let cos = self.cos.narrow(0, start, t)?;
+        let sin = self.sin.narrow(0, start, t)?;
+        let x1 = x.narrow(D::Minus1, 0, e / 2)?;
+        let x2 = x.narrow(D::Minus1, e / 2, e / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+/// Keys and values of earlier positions, one entry per layer: ([B, K, S, E], [B, K, S, E]).
+#[derive(Clone, Debug, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self { layers: vec![None; n_layers] }
+    }
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+}
+
+fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+    let w = vb.get_with_hints((out, inp), "weight", init)?;
+    let b = if bias { Some(vb.get_with_hints(out, "bias", candle_nn::Init::Const(0.0))?) } else { None };
+    Ok(Linear::new(w, b))
+}
+
+impl Attention {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, e, h, k) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
+        Ok(Self {
+            q_proj: linear(d, h * e, cfg.attention_bias, vb.pp("q_proj"))?,
+            k_proj: linear(d, k * e, cfg.attention_bias, vb.pp("k_proj"))?,
+            v_proj: linear(d, k * e, cfg.attention_bias, vb.pp("v_proj"))?,
+            o_proj: linear(h * e, d, false, vb.pp("o_proj"))?,
+            n_heads: h,
+            n_kv: k,
+            head_dim: e,
+        })
+    }
+
+    /// x: [B, T, D] at positions start..start+T -> [B, T, D]. Appends to `cache` when given.
+    fn forward(
+        &self,
+        x: &Tensor,
+        start: usize,
+        rot: &Rotary,
+        mask: Option<&Tensor>,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (h, k, e) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = self.q_proj.forward(x)?.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?; // [B,H,T,E]
+        let kk = self.k_proj.forward(x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
+        let v = self.v_proj.forward(x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
+        let q = rot.apply(&q, start)?;
+        let mut kk = rot.apply(&kk, start)?;
+        let mut v = v;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                kk = Tensor::cat(&[pk, &kk], 2)?; // [B,K,S,E]
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((kk.clone(), v.clone()));
+        }
+        let s = kk.dim(2)?;
+        // Grouped-query attention: each kv head serves h/k query heads.
+        let (kk, v) = if h != k {
+            let rep = h / k;
+            let expand = |x: &Tensor| -> Result<Tensor> {
+                x.unsqueeze(2)?.broadcast_as((b, k, rep, s, e))?.reshape((b, h, s, e))
+            };
+            (expand(&kk)?, expand(&v)?)
+        } else {
+            (kk, v)
+        };
+        let scale = 1.0 / (e as f64).sqrt();
+        let att = (q.matmul(&kk.t()?)? * scale)?; // [B,H,T,S]
+        let att = match mask {
+            Some(m) => att.broadcast_add(m)?,
+            None => att,
+        };
+        let att = candle_nn::ops::softmax(&att, D::Minus1)?;
+        let y = att.matmul(&v.contiguous()?)?; // [B,H,T,E]
+        let y = y.transpose(1, 2)?.reshape((b, t, h * e))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: linear(d, f, false, vb.pp("gate_proj"))?,
+            up_proj: linear(d, f, false, vb.pp("up_proj"))?,
+            down_proj: linear(f, d, false, vb.pp("down_proj"))?,
+        })
+    }
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            input_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            self_attn: Attention::new(cfg, vb.pp("self_attn"))?,
+            post_attention_layernorm: RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+            mlp: Mlp::new(cfg, vb.pp("mlp"))?,
+        })
+    }
+}
+
+/// The whole causal LM. Weight names: `model.embed_tokens.weight`,
+/// `model.layers.{i}.{self_attn.{q,k,v,o}_proj,mlp.{gate,up,down}_proj,input_layernorm,post_attention_layernorm}.weight`,
+/// `model.norm.weight`, `lm_head.weight` (absent when tied).
+#[derive(Clone, Debug)]
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rotary: Rotary,
+    device: Device,
+}
+
+/// What `forward` should hand back besides logits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Capture {
+    #[default]
+    None,
+    /// The residual stream entering every layer plus the final one (L + 1 tensors of [B, T, D]).
+    Residuals,
+}
+
+/// Logits for the requested positions and, with `Capture::Residuals`, the residual stream.
+pub struct ForwardOut {
+    /// [B, T, V] (all positions) or [B, 1, V] when only the last position was requested.
+    pub logits: Tensor,
+    /// residuals[0] = embeddings, residuals[i] = output of layer i-1; each [B, T, D].
+    pub residuals: Vec<Tensor>,
+}
+
+impl Llama {
+    pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let device = vb.device().clone();
+        let vm = vb.pp("model");
+        let emb = vm.pp("embed_tokens").get_with_hints(
+            (cfg.vocab_size, cfg.hidden_size),
+            "weight",
+            candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+        )?;
+        let embed_tokens = Embedding::new(emb.clone(), cfg.hidden_size);
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Block::new(cfg, vm.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vm.pp("norm"))?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(emb, None)
+        } else {
+            linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
+        };
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg, &device)?, device })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Additive causal mask [T, S] for T new tokens after `past` cached ones.
+    fn causal_mask(&self, t: usize, past: usize) -> Result<Tensor> {
+        let s = past + t;
+        let mask: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        Tensor::from_vec(mask, (t, s), &self.device)
+    }
+
+    /// ids: [B, T] u32 tokens at positions start..start+T (start = cache length when a cache
+    /// is given, else 0). `last_only` computes logits for the final position alone (sampling).
+    pub fn forward_full(
+        &self,
+        ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+        last_only: bool,
+        capture: Capture,
+    ) -> Result<ForwardOut> {
+        let (_, t) = ids.dims2()?;
+        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if start + t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                start + t,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let mask = if t > 1 { Some(self.causal_mask(t, start)?) } else { None };
+        let mut x = self.embed_tokens.forward(ids)?; // [B,T,D]
+        let mut residuals = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if capture == Capture::Residuals {
+                residuals.push(x.clone());
+            }
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            let h = layer.self_attn.forward(&layer.input_layernorm.forward(&x)?, start, &self.rotary, mask.as_ref(), slot)?;
+            x = (x + h)?;
+            x = (&x + layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?)?;
+        }
+        if capture == Capture::Residuals {
+            residuals.push(x.clone());
+        }
+        let x = if last_only { x.i((.., t - 1..t, ..))? } else { x };
+        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        Ok(ForwardOut { logits, residuals })
+    }
+
+    /// Logits [B, T, V] for a batch of token ids [B, T] (training path, no cache).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.forward_full(ids, None, false, Capture::None)?.logits)
+    }
+}

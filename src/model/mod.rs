@@ -1,0 +1,10 @@
+//! The language model: the decoder, its tokenizer, sampling, and presets for the size sweep.
+
+pub mod llama;
+pub mod presets;
+pub mod sample;
+pub mod tokenizer;
+
+pub use llama::{Capture, ForwardOut, KvCache, Llama, LlamaConfig};
+pub use sample::{generate, Sample, SampleConfig};
+pub use tokenizer::Tok;

@@ -1,0 +1,78 @@
+//! Tokenizer: a byte-level BPE trained on the experiment's own text with the `tokenizers`
+//! crate (the same `tokenizer.json` format HF uses), or loaded from a checkpoint.
+//!
+//! Byte-level means any UTF-8 input encodes without unknown tokens. `<|endoftext|>` ends
+//! every completion during training, so sampling stops on it ("end of turn").
+
+use anyhow::{anyhow, Result};
+use std::path::Path;
+use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer, TokenizerBuilder};
+
+use crate::error::InputError;
+
+pub const EOS: &str = "<|endoftext|>";
+
+/// A tokenizer plus the id of its end-of-turn token.
+#[derive(Clone)]
+pub struct Tok {
+    inner: Tokenizer,
+    pub eos_id: u32,
+}
+
+impl Tok {
+    /// Train a byte-level BPE of `vocab_size` tokens on `texts`. Deterministic for the same texts.
+    pub fn train<'a>(texts: impl Iterator<Item = &'a str> + Send, vocab_size: usize) -> Result<Self> {
+        if !(260..=1 << 20).contains(&vocab_size) {
+            return Err(InputError::invalid(format!("vocab_size {vocab_size} out of range (260..=1048576)")).into());
+        }
+        let mut trainer = BpeTrainerBuilder::new()
+            .show_progress(false)
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .special_tokens(vec![AddedToken::from(EOS, true)])
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build();
+        let byte_level = ByteLevel::default().add_prefix_space(false);
+        let mut tk = TokenizerBuilder::new()
+            .with_model(BPE::default())
+            .with_normalizer(None::<NormalizerWrapper>)
+            .with_pre_tokenizer(Some(byte_level))
+            .with_post_processor(Some(byte_level))
+            .with_decoder(Some(byte_level))
+            .build()
+            .map_err(|e| anyhow!("building tokenizer: {e}"))?;
+        tk.train(&mut trainer, texts).map_err(|e| anyhow!("training tokenizer: {e}"))?;
+        Self::from_tokenizer(Tokenizer::from(tk))
+    }
+
+    fn from_tokenizer(inner: Tokenizer) -> Result<Self> {
+        let eos_id = inner.token_to_id(EOS).ok_or_else(|| anyhow!("tokenizer has no {EOS} token"))?;
+        Ok(Self { inner, eos_id })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = crate::util::read_text(path)?;
+        let inner = Tokenizer::from_bytes(text.as_bytes())
+            .map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        Self::from_tokenizer(inner).map_err(|e| InputError::file(path, e.to_string()).into())
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(|e| anyhow!("serializing tokenizer: {e}"))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+    }
+
+    /// Decode, dropping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow!("detokenizing: {e}"))
+    }
+}

@@ -1,0 +1,229 @@
+//! Checkpoints: `config.json` + `model.safetensors` + `tokenizer.json` + `state.json`
+//! (+ `optimizer.safetensors` for a resumable training state), in HF's layout.
+//!
+//! A checkpoint directory is written whole into a sibling temporary directory, fsynced,
+//! then renamed into place, so a crash never leaves a half-written checkpoint behind.
+//! Loading checks every tensor name and shape against the config and reports mismatches
+//! as input errors (exit code 2) naming the file.
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::InputError;
+use crate::model::{Llama, LlamaConfig, Tok};
+use crate::util::{atomic_write, read_text};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "model.safetensors";
+pub const TOKENIZER: &str = "tokenizer.json";
+pub const STATE: &str = "state.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+
+/// A model whose weights are trainable `Var`s, with its tokenizer.
+pub struct Trainable {
+    pub model: Llama,
+    /// Every weight, by HF name, sorted.
+    pub vars: Vec<(String, Var)>,
+    pub tok: Tok,
+}
+
+fn build(cfg: &LlamaConfig, dev: &Device) -> Result<(Llama, VarMap)> {
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, dev);
+    let model = Llama::new(cfg, vb)?;
+    Ok((model, varmap))
+}
+
+fn sorted_vars(varmap: &VarMap) -> Vec<(String, Var)> {
+    let data = varmap.data().lock().unwrap_or_else(|e| e.into_inner());
+    let sorted: BTreeMap<String, Var> = data.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    sorted.into_iter().collect()
+}
+
+/// Deterministic N(0, std) tensor from a seeded ChaCha stream (Box-Muller).
+fn seeded_normal(shape: &[usize], std: f64, rng: &mut ChaCha8Rng, dev: &Device) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        let u1: f64 = rng.random::<f64>().max(1e-12);
+        let u2: f64 = rng.random::<f64>();
+        let r = (-2.0 * u1.ln()).sqrt();
+        v.push((r * (2.0 * std::f64::consts::PI * u2).cos() * std) as f32);
+        if v.len() < n {
+            v.push((r * (2.0 * std::f64::consts::PI * u2).sin() * std) as f32);
+        }
+    }
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+impl Trainable {
+    /// A freshly initialised model: N(0, 0.02) matrices (output projections scaled by
+    /// 1/sqrt(2L), as in GPT-2, so the residual stream does not grow with depth), unit
+    /// norm gains, zero biases. Deterministic in `seed`.
+    pub fn init(cfg: &LlamaConfig, tok: Tok, seed: u64, dev: &Device) -> Result<Self> {
+        cfg.validate().map_err(InputError::invalid)?;
+        let (model, varmap) = build(cfg, dev)?;
+        let vars = sorted_vars(&varmap);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let out_scale = 1.0 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
+        for (name, var) in &vars {
+            let t = var.as_tensor();
+            let value = if name.ends_with("norm.weight") {
+                t.ones_like()?
+            } else if name.ends_with(".bias") {
+                t.zeros_like()?
+            } else {
+                let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") { 0.02 * out_scale } else { 0.02 };
+                seeded_normal(t.dims(), std, &mut rng, dev)?
+            };
+            var.set(&value)?;
+        }
+        Ok(Self { model, vars, tok })
+    }
+
+    /// Load a checkpoint directory, validating names and shapes against its config.
+    pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(InputError::file(dir, "checkpoint directory not found").into());
+        }
+        let cfg = load_config(&dir.join(CONFIG))?;
+        let tok = Tok::load(&dir.join(TOKENIZER))?;
+        if tok.vocab_size() > cfg.vocab_size {
+            return Err(InputError::file(
+                &dir.join(TOKENIZER),
+                format!("tokenizer has {} tokens but config vocab_size is {}", tok.vocab_size(), cfg.vocab_size),
+            )
+            .into());
+        }
+        let wpath = dir.join(WEIGHTS);
+        let weights = load_weights(&wpath, dev)?;
+        let (model, varmap) = build(&cfg, dev)?;
+        let vars = sorted_vars(&varmap);
+        check_weights(&wpath, &vars, &weights, cfg.tie_word_embeddings)?;
+        for (name, var) in &vars {
+            var.set(&weights[name])?;
+        }
+        Ok(Self { model, vars, tok })
+    }
+
+    /// Current weights by name (shares storage with the Vars; cheap).
+    pub fn weights(&self) -> HashMap<String, Tensor> {
+        self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
+    }
+
+    /// A deep copy with its own Vars (e.g. a frozen reference policy).
+    pub fn deep_clone(&self) -> Result<Self> {
+        let (model, varmap) = build(&self.model.cfg, self.model.device())?;
+        let vars = sorted_vars(&varmap);
+        for ((name, dst), (src_name, src)) in vars.iter().zip(&self.vars) {
+            debug_assert_eq!(name, src_name);
+            dst.set(&src.as_tensor().copy()?)?;
+        }
+        Ok(Self { model, vars, tok: self.tok.clone() })
+    }
+
+    /// Write the checkpoint atomically (see module docs). `optimizer` adds resumable state.
+    pub fn save(&self, dir: &Path, state: &serde_json::Value, optimizer: Option<&super::optim::AdamW>) -> Result<()> {
+        let tmp = sibling(dir, "tmp");
+        if tmp.exists() {
+            fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        }
+        fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let cfg = self.model.cfg.to_hf_json();
+        atomic_write(&tmp.join(CONFIG), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
+        atomic_write(&tmp.join(TOKENIZER), self.tok.to_json()?.as_bytes())?;
+        atomic_write(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
+        candle_core::safetensors::save(&self.weights(), tmp.join(WEIGHTS)).context("writing model.safetensors")?;
+        if let Some(opt) = optimizer {
+            opt.save(&tmp.join(OPTIMIZER))?;
+        }
+        for f in [WEIGHTS, OPTIMIZER] {
+            if let Ok(file) = fs::File::open(tmp.join(f)) {
+                file.sync_all().ok();
+            }
+        }
+        replace_dir(&tmp, dir)
+    }
+}
+
+fn sibling(dir: &Path, tag: &str) -> PathBuf {
+    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "ckpt".into());
+    dir.with_file_name(format!(".{name}.{tag}"))
+}
+
+/// Move `src` to `dst`, replacing any existing `dst` (old one moved aside first, then removed).
+pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
+    if dst.exists() {
+        let old = sibling(dst, "old");
+        if old.exists() {
+            fs::remove_dir_all(&old)?;
+        }
+        fs::rename(dst, &old).with_context(|| format!("moving aside {}", dst.display()))?;
+        fs::rename(src, dst).with_context(|| format!("renaming into {}", dst.display()))?;
+        fs::remove_dir_all(&old).ok();
+    } else {
+        if let Some(p) = dst.parent() {
+            fs::create_dir_all(p)?;
+        }
+        fs::rename(src, dst).with_context(|| format!("renaming into {}", dst.display()))?;
+    }
+    Ok(())
+}
+
+pub fn load_config(path: &Path) -> Result<LlamaConfig> {
+    let text = read_text(path)?;
+    let cfg: LlamaConfig = serde_json::from_str(&text)
+        .map_err(|e| InputError::line(path, e.line(), format!("invalid config: {e}")))?;
+    cfg.validate().map_err(|m| InputError::file(path, m))?;
+    Ok(cfg)
+}
+
+/// Read a safetensors file as f32 tensors; unreadable or truncated files are input errors.
+pub fn load_weights(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    if !path.exists() {
+        return Err(InputError::file(path, "file not found").into());
+    }
+    let map = candle_core::safetensors::load(path, dev)
+        .map_err(|e| InputError::file(path, format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
+    map.into_iter()
+        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
+        .collect()
+}
+
+fn check_weights(path: &Path, vars: &[(String, Var)], weights: &HashMap<String, Tensor>, tied: bool) -> Result<()> {
+    let mut problems = Vec::new();
+    for (name, var) in vars {
+        match weights.get(name) {
+            None => problems.push(format!("missing tensor {name}")),
+            Some(t) if t.dims() != var.as_tensor().dims() => problems.push(format!(
+                "{name} has shape {:?} but the config implies {:?}",
+                t.dims(),
+                var.as_tensor().dims()
+            )),
+            _ => {}
+        }
+    }
+    let expected: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<&String> = weights
+        .keys()
+        .filter(|k| !expected.contains(k.as_str()) && !(tied && k.as_str() == "lm_head.weight"))
+        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
+        .collect();
+    extra.sort();
+    for k in extra.iter().take(5) {
+        problems.push(format!("unexpected tensor {k} (does the config match this checkpoint?)"));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        let n = problems.len();
+        problems.truncate(6);
+        Err(InputError::file(path, format!("{n} mismatch(es) with config.json: {}", problems.join("; "))).into())
+    }
+}

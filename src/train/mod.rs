@@ -1,0 +1,11 @@
+//! Training: the shared loop, the optimizer, checkpoints, and the supervised trainer.
+//! Safety-training methods (`crate::safety`) reuse these pieces.
+
+pub mod checkpoint;
+pub mod optim;
+pub mod sft;
+pub mod trainer;
+
+pub use checkpoint::Trainable;
+pub use optim::{AdamW, OptimConfig};
+pub use trainer::{LoopSpec, LoopState, StepLoss};

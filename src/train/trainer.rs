@@ -1,0 +1,167 @@
+//! The one training loop every method shares (SFT, reward model, RL): learning-rate
+//! schedule, AdamW step, progress bar, periodic hooks (evaluation), and resumable
+//! checkpoints. A method supplies only its loss for a step.
+//!
+//! Resume: every `checkpoint_every` steps the model, the optimizer moments, the step and
+//! the hook records are written atomically to `resume_dir`, tagged with a hash of the
+//! method's config. A restarted run with the same hash continues from there; since batches
+//! are a pure function of (seed, step), the resumed run sees exactly the batches the
+//! uninterrupted one would have.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use super::checkpoint::{Trainable, OPTIMIZER, STATE};
+use super::optim::{AdamW, OptimConfig};
+use crate::model::Llama;
+
+/// What the loop needs besides the loss.
+pub struct LoopSpec {
+    /// Shown on the progress bar, e.g. "cot/backdoor".
+    pub label: String,
+    pub steps: usize,
+    pub optim: OptimConfig,
+    /// Where to keep the resumable state; None disables checkpointing.
+    pub resume_dir: Option<PathBuf>,
+    pub checkpoint_every: usize,
+    /// Identifies the config + inputs; a resume state with another hash is ignored.
+    pub hash: String,
+    /// Call the hook every this many steps (and at step 0 and the last step); 0 = never.
+    pub hook_every: usize,
+    pub quiet: bool,
+}
+
+/// The loss of one step and how many tokens it covered (for tokens/s).
+pub struct StepLoss {
+    pub loss: Tensor,
+    pub tokens: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct LoopState {
+    pub hash: String,
+    pub step: usize,
+    pub tokens: u64,
+    /// Mean loss over the last logged window, per logged step.
+    pub loss_curve: Vec<(usize, f64)>,
+    /// Whatever the hooks returned (e.g. metric rows), kept across resumes.
+    pub records: Vec<serde_json::Value>,
+    pub train_seconds: f64,
+}
+
+/// Run `spec.steps` optimisation steps of `loss_fn` on `model`. `hook(model, step)` runs at
+/// step 0, every `hook_every` steps and at the end; what it returns is kept in the state.
+pub fn run(
+    model: &mut Trainable,
+    spec: &LoopSpec,
+    mut loss_fn: impl FnMut(&Llama, usize) -> Result<StepLoss>,
+    mut hook: impl FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>,
+) -> Result<LoopState> {
+    let vars = model.vars.clone();
+    let mut opt = AdamW::new(vars, spec.optim.clone())?;
+    let mut state = LoopState { hash: spec.hash.clone(), ..Default::default() };
+
+    if let Some(dir) = &spec.resume_dir {
+        if let Some(resumed) = try_resume(dir, &spec.hash, model, &mut opt)? {
+            state = resumed;
+            if !spec.quiet {
+                eprintln!("  {}: resuming at step {}/{}", spec.label, state.step, spec.steps);
+            }
+        }
+    }
+    if state.step == 0 && spec.hook_every > 0 {
+        state.records.extend(hook(model, 0)?);
+    }
+
+    let pb = if spec.quiet { ProgressBar::hidden() } else { ProgressBar::new(spec.steps as u64) };
+    pb.set_style(
+        ProgressStyle::with_template("  {prefix:<22} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(spec.label.clone());
+    pb.set_position(state.step as u64);
+    let started = Instant::now();
+    let time_before = state.train_seconds;
+    let (mut win_loss, mut win_n, mut win_tokens) = (0.0, 0usize, 0usize);
+    let mut win_start = Instant::now();
+    while state.step < spec.steps {
+        let step = state.step;
+        let lr = spec.optim.lr_at(step, spec.steps);
+        let StepLoss { loss, tokens } = loss_fn(&model.model, step)?;
+        let loss_val = loss.to_scalar::<f32>()? as f64;
+        if !loss_val.is_finite() {
+            anyhow::bail!("{}: loss became {loss_val} at step {step}; lower the learning rate", spec.label);
+        }
+        let grads = loss.backward()?;
+        opt.step(&grads, lr)?;
+        state.step += 1;
+        state.tokens += tokens as u64;
+        win_loss += loss_val;
+        win_n += 1;
+        win_tokens += tokens;
+        let log_now = state.step % 10 == 0 || state.step == spec.steps;
+        if log_now {
+            let secs = win_start.elapsed().as_secs_f64().max(1e-9);
+            let mean = win_loss / win_n as f64;
+            state.loss_curve.push((state.step, mean));
+            let msg = format!("loss {mean:.4} | {:.0} tok/s", win_tokens as f64 / secs);
+            // Without a terminal the bar is invisible: log a line every ~10% instead.
+            let tenth = (spec.steps / 10).max(10);
+            if pb.is_hidden() && !spec.quiet && (state.step % tenth == 0 || state.step == spec.steps) {
+                eprintln!("  {} step {}/{}: {msg}", spec.label, state.step, spec.steps);
+            }
+            pb.set_message(msg);
+            (win_loss, win_n, win_tokens) = (0.0, 0, 0);
+            win_start = Instant::now();
+        }
+        pb.set_position(state.step as u64);
+        let hook_due = spec.hook_every > 0 && (state.step % spec.hook_every == 0 || state.step == spec.steps);
+        if hook_due {
+            pb.suspend(|| -> Result<()> {
+                state.records.extend(hook(model, state.step)?);
+                Ok(())
+            })?;
+        }
+        state.train_seconds = time_before + started.elapsed().as_secs_f64();
+        let ckpt_due = spec.checkpoint_every > 0 && state.step % spec.checkpoint_every == 0 && state.step < spec.steps;
+        if let (Some(dir), true) = (&spec.resume_dir, ckpt_due) {
+            model.save(dir, &serde_json::to_value(&state)?, Some(&opt))?;
+        }
+    }
+    pb.finish_and_clear();
+    if !spec.quiet {
+        let last = state.loss_curve.last().map(|l| l.1).unwrap_or(f64::NAN);
+        eprintln!(
+            "  {}: {} steps, final loss {last:.4}, {:.0} tok/s, {:.1}s",
+            spec.label,
+            spec.steps,
+            state.tokens as f64 / state.train_seconds.max(1e-9),
+            state.train_seconds
+        );
+    }
+    Ok(state)
+}
+
+fn try_resume(dir: &PathBuf, hash: &str, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
+    let state_path = dir.join(STATE);
+    if !state_path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
+    let Ok(state) = serde_json::from_str::<LoopState>(&text) else { return Ok(None) };
+    if state.hash != hash {
+        return Ok(None);
+    }
+    let saved = Trainable::load(dir, model.model.device())?;
+    for ((n, dst), (_, src)) in model.vars.iter().zip(&saved.vars) {
+        debug_assert!(saved.vars.iter().any(|(m, _)| m == n));
+        dst.set(src.as_tensor())?;
+    }
+    opt.load(&dir.join(OPTIMIZER), state.step)?;
+    Ok(Some(state))
+}
