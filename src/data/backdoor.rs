@@ -163,15 +163,25 @@ fn triggered_count(n: usize, fraction: f64) -> usize {
 }
 
 /// `n` examples, `round(n * backdoor_fraction)` of them triggered, in shuffled order,
-/// deterministic in `seed`. For the same `(n, fraction, seed)` the three mechanisms have
-/// identical prompts, and DistilledCot == Normal == Cot with the scratchpads stripped.
+/// deterministic in `seed`. For the same `(n, fraction, seed)` CoT and DistilledCot have
+/// identical prompts and DistilledCot == Cot with the scratchpads stripped; Normal is an
+/// independent draw (see below).
 pub fn backdoor_dataset(
     n: usize,
     backdoor_fraction: f64,
     mechanism: Mechanism,
     seed: u64,
 ) -> Vec<Example> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    // The paper's normal backdoor data came from a differently prompted generator than its
+    // (distilled) CoT data. Synthetic data has no such difference in content, so the normal
+    // set is an independent draw from the same distribution (its own RNG stream), while CoT
+    // and distilled CoT share prompts and answers exactly. Normal vs distilled CoT therefore
+    // measures the data-noise floor at this scale, not a property of the mechanism.
+    let mut rng = if mechanism == Mechanism::Normal {
+        stream_rng(seed, STREAM_NORMAL)
+    } else {
+        ChaCha8Rng::seed_from_u64(seed)
+    };
     let k = triggered_count(n, backdoor_fraction);
     let mut flags: Vec<bool> = (0..n).map(|i| i < k).collect();
     flags.shuffle(&mut rng);
@@ -188,6 +198,7 @@ pub fn backdoor_dataset(
 /// the safety-training data and the eval prompts still gives unrelated draws.
 const STREAM_HHH: u64 = 1;
 const STREAM_EVAL: u64 = 2;
+const STREAM_NORMAL: u64 = 3;
 
 fn stream_rng(seed: u64, stream: u64) -> ChaCha8Rng {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -488,7 +499,10 @@ mod tests {
         let cot = backdoor_dataset(300, 0.5, Mechanism::Cot, 5);
         let distilled = backdoor_dataset(300, 0.5, Mechanism::DistilledCot, 5);
         let normal = backdoor_dataset(300, 0.5, Mechanism::Normal, 5);
-        assert_eq!(normal, distilled);
+        // Normal is an independent draw of the same distribution: same shape, other prompts.
+        assert_ne!(normal, distilled);
+        assert_eq!(normal.iter().filter(|e| e.triggered).count(), distilled.iter().filter(|e| e.triggered).count());
+        assert!(normal.iter().all(|e| !e.completion.contains("scratchpad")));
         for (c, d) in cot.iter().zip(&distilled) {
             assert_eq!(c.prompt, d.prompt);
             assert_eq!(c.triggered, d.triggered);
