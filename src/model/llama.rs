@@ -381,11 +381,34 @@ impl Llama {
     pub fn forward_full(
         &self,
         ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        last_only: bool,
+        capture: Capture,
+    ) -> Result<ForwardOut> {
+        let x = self.embed_tokens.forward(ids)?; // [B,T,D]
+        self.forward_embeds(&x, cache, last_only, capture)
+    }
+
+    /// Token embeddings [B, T, D] for ids [B, T] (the input `forward_embeds` takes).
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)
+    }
+
+    /// The embedding matrix [V, D] (for gradient-guided input search over one-hot tokens).
+    pub fn embedding_matrix(&self) -> &Tensor {
+        self.embed_tokens.embeddings()
+    }
+
+    /// Like `forward_full`, from input embeddings [B, T, D] instead of ids, so callers can
+    /// differentiate with respect to the input (trigger inversion).
+    pub fn forward_embeds(
+        &self,
+        x: &Tensor,
         mut cache: Option<&mut KvCache>,
         last_only: bool,
         capture: Capture,
     ) -> Result<ForwardOut> {
-        let (_, t) = ids.dims2()?;
+        let (_, t, _) = x.dims3()?;
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if start + t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -395,7 +418,7 @@ impl Llama {
             );
         }
         let mask = if t > 1 { Some(self.causal_mask(t, start)?) } else { None };
-        let mut x = self.embed_tokens.forward(ids)?; // [B,T,D]
+        let mut x = x.clone();
         let mut residuals = Vec::new();
         for (i, layer) in self.layers.iter().enumerate() {
             if capture == Capture::Residuals {
