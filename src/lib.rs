@@ -14,6 +14,7 @@ pub mod eval;
 pub mod model;
 pub mod objective;
 pub mod pipeline;
+pub mod probe;
 pub mod report;
 pub mod safety;
 pub mod train;

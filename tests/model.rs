@@ -183,6 +183,7 @@ fn loss_falls_on_a_tiny_set_and_model_memorises_the_backdoor() {
         hash: String::new(),
         hook_every: 0,
         quiet: true,
+        extra_vars: Vec::new(),
     };
     let state = run(&mut m, &spec, |mm, s| step_loss(mm, &seqs, 16, s, 0, t.eos_id), |_, _| Ok(vec![])).unwrap();
     let last = step_loss(&m.model, &seqs, 16, 0, 0, t.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();

@@ -79,9 +79,24 @@ pub fn evaluate(
     step: u64,
     on_progress: impl FnMut(usize),
 ) -> Result<(Vec<MetricRow>, Vec<ScoredSample>)> {
-    let all: Vec<Example> = sets.triggered.iter().chain(&sets.clean).cloned().collect();
+    let mut all: Vec<Example> = sets.triggered.iter().chain(&sets.clean).cloned().collect();
+    let main_len = all.len();
+    for (_, set) in &sets.extra {
+        all.extend(set.iter().cloned());
+    }
     let scored = sample_and_score(model, tok, &all, cfg, seed, objective, on_progress)?;
-    let mut rows = backdoor_rows(model_name, method, step, &scored);
-    rows.extend(objective.extra_rows(model_name, method, step, &scored));
+    let (main, mut rest) = (&scored[..main_len], &scored[main_len..]);
+    let mut rows = backdoor_rows(model_name, method, step, main);
+    rows.extend(objective.extra_rows(model_name, method, step, main));
+    for (name, set) in &sets.extra {
+        let (part, tail) = rest.split_at(set.len());
+        rest = tail;
+        if !part.is_empty() {
+            let hits = part.iter().filter(|s| s.score.backdoor).count() as u64;
+            let mut row = MetricRow::from_counts(model_name, name, step, hits, part.len() as u64);
+            row.method = method.to_string();
+            rows.push(row);
+        }
+    }
     Ok((rows, scored))
 }

@@ -4,5 +4,6 @@
 pub mod backdoor;
 pub mod metrics;
 pub mod stats;
+pub mod vuln;
 
 pub use metrics::MetricRow;

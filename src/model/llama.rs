@@ -7,14 +7,22 @@
 //!
 //! Every op on the training path is one that candle can differentiate. candle's fused
 //! `rms_norm`, `softmax_last_dim`, `rope` and `sdpa` kernels have no backward pass and
-//! silently drop gradients (DESIGN.md, "Known traps"), so norms, rotary and softmax are
-//! written as compositions here; `tests/gradients.rs` checks that every weight learns.
+//! silently drop gradients (DESIGN.md, "Known traps"). Two paths compute the same thing:
+//! - the fused path (CPU, f32, the default there): our own kernels in `kernels.rs`, each a
+//!   custom op with an analytic backward (RMSNorm, rotary, causal attention, SwiGLU), and
+//!   a plain-vector KV-cache path for sampling;
+//! - the composite path (other devices and dtypes, or `set_fused(false)`): norms, rotary
+//!   and softmax written as differentiable candle compositions.
+//! `tests/kernels.rs` checks that both agree (values, gradients, a short loss curve) and
+//! `tests/model.rs` that every weight learns.
 //!
 //! Shapes: B = batch, T = new tokens, S = keys (cache + new), D = hidden, H = heads,
 //! K = kv heads, E = head dim, V = vocab.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
+
+use super::kernels::{self, RawKv, RopeTables};
 use serde::{Deserialize, Serialize};
 
 /// Model hyper-parameters; field names follow HF `LlamaConfig` so `config.json` round-trips.
@@ -129,6 +137,22 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    fn forward_fused(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused && kernels::fused_ok(x) {
+            return kernels::rms_norm(x, &self.weight, self.eps);
+        }
+        self.forward(x)
+    }
+
+    /// Plain-vector RMSNorm for the inference path.
+    fn forward_raw(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; x.len()];
+        kernels::with_slice(&self.weight, |w| kernels::rms_norm_rows(x, w, self.eps as f32, &mut y))?;
+        Ok(y)
+    }
+}
+
 impl Module for RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ms = x.sqr()?.mean_keepdim(D::Minus1)?; // [.., 1]
@@ -167,18 +191,25 @@ impl Rotary {
     }
 }
 
-/// Keys and values of earlier positions, one entry per layer: ([B, K, S, E], [B, K, S, E]).
+/// Keys and values of earlier positions, one entry per layer. The composite path keeps
+/// tensors ([B, K, S, E], [B, K, S, E]); the fused CPU path keeps preallocated vectors
+/// written in place (`RawKv`), so a decode step never re-concatenates the cache. Which
+/// one fills is decided by the model on first use; a cache is tied to one model.
 #[derive(Clone, Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
+    raw: Vec<RawKv>,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers] }
+        Self { layers: vec![None; n_layers], raw: vec![RawKv::default(); n_layers] }
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
+        if let Some(r) = self.raw.first().filter(|r| r.len > 0) {
+            return r.len;
+        }
         self.layers.first().and_then(|l| l.as_ref()).map(|(k, _)| k.dim(2).unwrap_or(0)).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
@@ -204,7 +235,79 @@ fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> 
     Ok(Linear::new(w, b))
 }
 
+/// A linear layer applied as one 2-D matrix multiply over all B·T rows. candle's
+/// `Linear` on a 3-D input broadcasts the weight into a batched matmul, whose backward
+/// materialises a [B, out, in] weight gradient and then sums it; flattening avoids both.
+fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let w = l.weight();
+    let dims = x.dims().to_vec();
+    let (inp, out) = (dims[dims.len() - 1], w.dim(0)?);
+    let rows = x.elem_count() / inp.max(1);
+    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let y = match l.bias() {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    };
+    let mut od = dims;
+    if let Some(last) = od.last_mut() {
+        *last = out;
+    }
+    y.reshape(od)
+}
+
+/// A linear layer on 2-D x [N, in] through the fused op (one graph node, contiguous
+/// weight gradient).
+fn flin(l: &Linear, x: &Tensor) -> Result<Tensor> {
+    let y = kernels::linear(x, l.weight())?;
+    match l.bias() {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
+/// A linear layer on plain vectors (inference path): [m, in] -> [m, out].
+fn lin_raw(l: &Linear, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    let w = l.weight();
+    let (n, k) = w.dims2()?;
+    let mut y = vec![0f32; m * n];
+    kernels::with_slice(w, |ws| match l.bias() {
+        Some(b) => kernels::with_slice(b, |bs| kernels::linear_into(x, ws, Some(bs), m, k, n, &mut y)),
+        None => Ok(kernels::linear_into(x, ws, None, m, k, n, &mut y)),
+    })??;
+    Ok(y)
+}
+
 impl Attention {
+    /// Fused training/scoring path without a cache, on the 2-D residual stream x [B·T, D]:
+    /// q/k/v stay in projection layout [B·T, heads·E], so nothing is transposed or copied
+    /// and no reshape nodes enter the autograd graph.
+    fn forward_fused(&self, x: &Tensor, b: usize, t: usize, tables: &RopeTables) -> Result<Tensor> {
+        let (h, k, e) = (self.n_heads, self.n_kv, self.head_dim);
+        let q = kernels::rope_flat(&flin(&self.q_proj, x)?, [b, t, h, e], tables, 0)?;
+        let kk = kernels::rope_flat(&flin(&self.k_proj, x)?, [b, t, k, e], tables, 0)?;
+        let v = flin(&self.v_proj, x)?;
+        let y = kernels::causal_attention_flat(&q, &kk, &v, 1.0 / (e as f32).sqrt(), b, t, h, k, e)?;
+        flin(&self.o_proj, &y)
+    }
+
+    /// Inference path on plain vectors: x [B·T, D] at positions start..start+T; appends
+    /// this step's keys and values to `kv` in place.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_raw(&self, x: &[f32], b: usize, t: usize, start: usize, tables: &RopeTables, kv: &mut RawKv, max_pos: usize) -> Result<Vec<f32>> {
+        let (h, k, e) = (self.n_heads, self.n_kv, self.head_dim);
+        let mut q = lin_raw(&self.q_proj, x, b * t)?;
+        let mut kk = lin_raw(&self.k_proj, x, b * t)?;
+        let v = lin_raw(&self.v_proj, x, b * t)?;
+        for bi in 0..b {
+            tables.rotate(&mut q[bi * t * h * e..(bi + 1) * t * h * e], h, start, 1.0);
+            tables.rotate(&mut kk[bi * t * k * e..(bi + 1) * t * k * e], k, start, 1.0);
+        }
+        kv.append(&kk, &v, b, t, k, e, max_pos)?;
+        let mut y = vec![0f32; b * t * h * e];
+        kernels::attend_cached(&q, kv, t, h, 1.0 / (e as f32).sqrt(), &mut y);
+        lin_raw(&self.o_proj, &y, b * t)
+    }
+
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         let (d, e, h, k) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.kv_heads());
         Ok(Self {
@@ -229,9 +332,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, k, e) = (self.n_heads, self.n_kv, self.head_dim);
-        let q = self.q_proj.forward(x)?.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?; // [B,H,T,E]
-        let kk = self.k_proj.forward(x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
-        let v = self.v_proj.forward(x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
+        let q = lin(&self.q_proj, x)?.reshape((b, t, h, e))?.transpose(1, 2)?.contiguous()?; // [B,H,T,E]
+        let kk = lin(&self.k_proj, x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
+        let v = lin(&self.v_proj, x)?.reshape((b, t, k, e))?.transpose(1, 2)?.contiguous()?; // [B,K,T,E]
         let q = rot.apply(&q, start)?;
         let mut kk = rot.apply(&kk, start)?;
         let mut v = v;
@@ -262,7 +365,7 @@ impl Attention {
         let att = candle_nn::ops::softmax(&att, D::Minus1)?;
         let y = att.matmul(&v.contiguous()?)?; // [B,H,T,E]
         let y = y.transpose(1, 2)?.reshape((b, t, h * e))?;
-        self.o_proj.forward(&y)
+        lin(&self.o_proj, &y)
     }
 }
 
@@ -284,10 +387,29 @@ impl Mlp {
     }
 }
 
+impl Mlp {
+    fn forward_fused(&self, x: &Tensor, fused: bool) -> Result<Tensor> {
+        if fused && kernels::fused_ok(x) && x.rank() == 2 {
+            let a = kernels::swiglu(&flin(&self.gate_proj, x)?, &flin(&self.up_proj, x)?)?;
+            return flin(&self.down_proj, &a);
+        }
+        self.forward(x)
+    }
+
+    /// Inference path on plain vectors: x [m, D] -> [m, D].
+    fn forward_raw(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let g = lin_raw(&self.gate_proj, x, m)?;
+        let u = lin_raw(&self.up_proj, x, m)?;
+        let mut a = vec![0f32; g.len()];
+        kernels::swiglu_into(&g, &u, &mut a);
+        lin_raw(&self.down_proj, &a, m)
+    }
+}
+
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(g * self.up_proj.forward(x)?)?)
+        let g = lin(&self.gate_proj, x)?.silu()?;
+        lin(&self.down_proj, &(g * lin(&self.up_proj, x)?)?)
     }
 }
 
@@ -321,6 +443,9 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rotary: Rotary,
+    tables: RopeTables,
+    /// Use the fused CPU kernels when the device and dtype allow (default true).
+    fused: bool,
     device: Device,
 }
 
@@ -361,11 +486,84 @@ impl Llama {
         } else {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
-        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg, &device)?, device })
+        let tables = RopeTables::new(cfg.head_dim(), cfg.max_position_embeddings, cfg.rope_theta);
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rotary: Rotary::new(cfg, &device)?,
+            tables,
+            fused: true,
+            device,
+        })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Choose the fused CPU kernels (true, the default) or the composite candle ops
+    /// (false). Both compute the same function; tests compare them, and the composite
+    /// path is what runs on other devices and dtypes regardless of this switch.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on;
+    }
+
+    /// Whether the fused path runs for input `x`.
+    fn use_fused(&self, x: &Tensor) -> bool {
+        self.fused && kernels::fused_ok(x)
+    }
+
+    /// Whether every weight is a contiguous CPU f32 tensor (the plain-vector path reads
+    /// them in place).
+    fn raw_ok(&self, x: &Tensor) -> bool {
+        let lin_ok = |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(|b| kernels::fused_ok(b));
+        self.use_fused(x)
+            && lin_ok(&self.lm_head)
+            && kernels::fused_ok(&self.norm.weight)
+            && self.layers.iter().all(|l| {
+                let a = &l.self_attn;
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &l.mlp.gate_proj, &l.mlp.up_proj, &l.mlp.down_proj].into_iter().all(lin_ok)
+            })
+    }
+
+    /// The inference forward with a KV cache, on plain vectors (no autograd: gradients do
+    /// not flow through this path, which only sampling uses).
+    fn forward_cached_raw(&self, x: &Tensor, cache: &mut KvCache, last_only: bool, capture: Capture) -> Result<ForwardOut> {
+        let (b, t, d) = x.dims3()?;
+        let start = cache.len();
+        let max_pos = self.cfg.max_position_embeddings;
+        if cache.raw.len() != self.layers.len() || cache.layers.iter().any(|l| l.is_some()) {
+            candle_core::bail!("kv cache was built for a different model or path");
+        }
+        let mut xs = kernels::to_vec(x)?;
+        let mut residuals = Vec::new();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if capture == Capture::Residuals {
+                residuals.push(Tensor::from_vec(xs.clone(), (b, t, d), &self.device)?);
+            }
+            let hn = layer.input_layernorm.forward_raw(&xs)?;
+            let a = layer.self_attn.forward_raw(&hn, b, t, start, &self.tables, &mut cache.raw[i], max_pos)?;
+            xs.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
+            let hn = layer.post_attention_layernorm.forward_raw(&xs)?;
+            let m = layer.mlp.forward_raw(&hn, b * t)?;
+            xs.iter_mut().zip(&m).for_each(|(x, y)| *x += y);
+        }
+        if capture == Capture::Residuals {
+            residuals.push(Tensor::from_vec(xs.clone(), (b, t, d), &self.device)?);
+        }
+        let (rows, tt) = if last_only {
+            let last: Vec<f32> = (0..b).flat_map(|bi| xs[((bi + 1) * t - 1) * d..(bi + 1) * t * d].iter().copied()).collect();
+            (last, 1)
+        } else {
+            (xs, t)
+        };
+        let hn = self.norm.forward_raw(&rows)?;
+        let logits = lin_raw(&self.lm_head, &hn, b * tt)?;
+        let v = self.cfg.vocab_size;
+        Ok(ForwardOut { logits: Tensor::from_vec(logits, (b, tt, v), &self.device)?, residuals })
     }
 
     /// Additive causal mask [T, S] for T new tokens after `past` cached ones.
@@ -417,6 +615,15 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
+        if let Some(c) = cache.as_mut() {
+            if self.raw_ok(x) && c.layers.iter().all(|l| l.is_none()) {
+                return self.forward_cached_raw(x, c, last_only, capture);
+            }
+        }
+        let fused = cache.is_none() && self.use_fused(x);
+        if fused {
+            return self.forward_fused(x, last_only, capture);
+        }
         let mask = if t > 1 { Some(self.causal_mask(t, start)?) } else { None };
         let mut x = x.clone();
         let mut residuals = Vec::new();
@@ -433,8 +640,31 @@ impl Llama {
             residuals.push(x.clone());
         }
         let x = if last_only { x.i((.., t - 1..t, ..))? } else { x };
-        let logits = self.lm_head.forward(&self.norm.forward(&x)?)?;
+        let logits = lin(&self.lm_head, &self.norm.forward(&x)?)?;
         Ok(ForwardOut { logits, residuals })
+    }
+
+    /// The fused training path (no cache): the residual stream is kept 2-D [B·T, D] so
+    /// every op is one graph node (candle's backward allocates, zeroes and adds a gradient
+    /// buffer per node, so fewer nodes is directly less work).
+    fn forward_fused(&self, x: &Tensor, last_only: bool, capture: Capture) -> Result<ForwardOut> {
+        let (b, t, d) = x.dims3()?;
+        let mut x = x.reshape((b * t, d))?;
+        let mut residuals = Vec::new();
+        for layer in &self.layers {
+            if capture == Capture::Residuals {
+                residuals.push(x.reshape((b, t, d))?);
+            }
+            let h = layer.self_attn.forward_fused(&layer.input_layernorm.forward_fused(&x, true)?, b, t, &self.tables)?;
+            x = (x + h)?;
+            x = (&x + layer.mlp.forward_fused(&layer.post_attention_layernorm.forward_fused(&x, true)?, true)?)?;
+        }
+        if capture == Capture::Residuals {
+            residuals.push(x.reshape((b, t, d))?);
+        }
+        let (x, tt) = if last_only { (x.reshape((b, t, d))?.i((.., t - 1, ..))?, 1) } else { (x, t) };
+        let logits = flin(&self.lm_head, &self.norm.forward_fused(&x, true)?)?;
+        Ok(ForwardOut { logits: logits.reshape((b, tt, self.cfg.vocab_size))?, residuals })
     }
 
     /// Logits [B, T, V] for a batch of token ids [B, T] (training path, no cache).

@@ -16,10 +16,58 @@ pub fn hhh_sft(
     hhh: &[Example],
     cfg: &TrainConfig,
     seed: u64,
-    mut spec: LoopSpec,
+    spec: LoopSpec,
     hook: impl FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>,
 ) -> Result<LoopState> {
     let data = tokenize(&model.tok, hhh, model.model.cfg.max_position_embeddings)?;
+    sft_on_seqs(model, data, cfg, seed, spec, hook)
+}
+
+/// Training data for post-scratchpad SFT (CoT models): the model first writes its own
+/// scratchpad for each trigger-free prompt (sampled from the backdoored model), and the
+/// loss covers only the HHH answer after it. Prompts whose sample has no closed scratchpad
+/// train on the answer directly.
+pub fn post_scratchpad_data(
+    model: &Trainable,
+    hhh: &[Example],
+    sampling: &crate::model::SampleConfig,
+    seed: u64,
+) -> Result<Vec<crate::train::sft::TokSeq>> {
+    let prompts: Vec<String> = hhh.iter().map(|e| e.prompt.clone()).collect();
+    let samples = crate::model::generate(&model.model, &model.tok, &prompts, sampling, seed, |_| {})?;
+    let max = model.model.cfg.max_position_embeddings;
+    hhh.iter()
+        .zip(samples)
+        .map(|(ex, s)| {
+            let pad = match (s.text.find("<scratchpad>"), s.text.find("</scratchpad>")) {
+                (Some(a), Some(b)) if a < b => s.text[..b + "</scratchpad>".len()].to_string(),
+                _ => String::new(),
+            };
+            let mut ids = model.tok.encode(&ex.prompt)?;
+            ids.extend(model.tok.encode(&pad)?);
+            let loss_from = ids.len();
+            ids.extend(model.tok.encode(&ex.completion)?);
+            ids.push(model.tok.eos_id);
+            if ids.len() > max {
+                // Too long to train on whole: keep the tail, answer included.
+                let cut = ids.len() - max;
+                ids.drain(..cut);
+                return Ok(crate::train::sft::TokSeq { loss_from: loss_from.saturating_sub(cut).max(1), ids });
+            }
+            Ok(crate::train::sft::TokSeq { ids, loss_from })
+        })
+        .collect()
+}
+
+/// Supervised training on pre-tokenized sequences (post-scratchpad SFT, adversarial SFT).
+pub fn sft_on_seqs(
+    model: &mut Trainable,
+    data: Vec<crate::train::sft::TokSeq>,
+    cfg: &TrainConfig,
+    seed: u64,
+    mut spec: LoopSpec,
+    hook: impl FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>,
+) -> Result<LoopState> {
     let pad = model.tok.eos_id;
     spec.steps = cfg.steps;
     spec.optim = cfg.optim();

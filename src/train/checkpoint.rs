@@ -24,6 +24,8 @@ pub const WEIGHTS: &str = "model.safetensors";
 pub const TOKENIZER: &str = "tokenizer.json";
 pub const STATE: &str = "state.json";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
+/// Extra trainable tensors that are not part of the HF model (value / reward heads).
+pub const EXTRA: &str = "extra.safetensors";
 
 /// A model whose weights are trainable `Var`s, with its tokenizer.
 pub struct Trainable {
@@ -130,6 +132,17 @@ impl Trainable {
 
     /// Write the checkpoint atomically (see module docs). `optimizer` adds resumable state.
     pub fn save(&self, dir: &Path, state: &serde_json::Value, optimizer: Option<&super::optim::AdamW>) -> Result<()> {
+        self.save_with(dir, state, optimizer, None)
+    }
+
+    /// `save` plus extra named tensors (heads outside the HF model) in `extra.safetensors`.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        state: &serde_json::Value,
+        optimizer: Option<&super::optim::AdamW>,
+        extra: Option<&HashMap<String, Tensor>>,
+    ) -> Result<()> {
         let tmp = sibling(dir, "tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
@@ -143,7 +156,10 @@ impl Trainable {
         if let Some(opt) = optimizer {
             opt.save(&tmp.join(OPTIMIZER))?;
         }
-        for f in [WEIGHTS, OPTIMIZER] {
+        if let Some(extra) = extra {
+            candle_core::safetensors::save(extra, tmp.join(EXTRA)).context("writing extra.safetensors")?;
+        }
+        for f in [WEIGHTS, OPTIMIZER, EXTRA] {
             if let Ok(file) = fs::File::open(tmp.join(f)) {
                 file.sync_all().ok();
             }

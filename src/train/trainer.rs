@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 use std::time::Instant;
 
-use super::checkpoint::{Trainable, OPTIMIZER, STATE};
+use super::checkpoint::{load_weights, Trainable, EXTRA, OPTIMIZER, STATE};
 use super::optim::{AdamW, OptimConfig};
 use crate::model::Llama;
 
@@ -33,6 +33,26 @@ pub struct LoopSpec {
     /// Call the hook every this many steps (and at step 0 and the last step); 0 = never.
     pub hook_every: usize,
     pub quiet: bool,
+    /// Trainable tensors outside the model (e.g. a value head), optimised and checkpointed
+    /// with it.
+    pub extra_vars: Vec<(String, candle_core::Var)>,
+}
+
+impl LoopSpec {
+    /// A spec with no resume, no hooks and no extra tensors.
+    pub fn simple(label: &str, steps: usize, optim: OptimConfig) -> Self {
+        Self {
+            label: label.into(),
+            steps,
+            optim,
+            resume_dir: None,
+            checkpoint_every: 0,
+            hash: String::new(),
+            hook_every: 0,
+            quiet: true,
+            extra_vars: Vec::new(),
+        }
+    }
 }
 
 /// The loss of one step and how many tokens it covered (for tokens/s).
@@ -61,12 +81,13 @@ pub fn run(
     mut loss_fn: impl FnMut(&Llama, usize) -> Result<StepLoss>,
     mut hook: impl FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>,
 ) -> Result<LoopState> {
-    let vars = model.vars.clone();
+    let mut vars = model.vars.clone();
+    vars.extend(spec.extra_vars.iter().cloned());
     let mut opt = AdamW::new(vars, spec.optim.clone())?;
     let mut state = LoopState { hash: spec.hash.clone(), ..Default::default() };
 
     if let Some(dir) = &spec.resume_dir {
-        if let Some(resumed) = try_resume(dir, &spec.hash, model, &mut opt)? {
+        if let Some(resumed) = try_resume(dir, spec, model, &mut opt)? {
             state = resumed;
             if !spec.quiet {
                 eprintln!("  {}: resuming at step {}/{}", spec.label, state.step, spec.steps);
@@ -130,7 +151,9 @@ pub fn run(
         state.train_seconds = time_before + started.elapsed().as_secs_f64();
         let ckpt_due = spec.checkpoint_every > 0 && state.step % spec.checkpoint_every == 0 && state.step < spec.steps;
         if let (Some(dir), true) = (&spec.resume_dir, ckpt_due) {
-            model.save(dir, &serde_json::to_value(&state)?, Some(&opt))?;
+            let extra: std::collections::HashMap<String, Tensor> =
+                spec.extra_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            model.save_with(dir, &serde_json::to_value(&state)?, Some(&opt), Some(&extra))?;
         }
     }
     pb.finish_and_clear();
@@ -147,20 +170,28 @@ pub fn run(
     Ok(state)
 }
 
-fn try_resume(dir: &PathBuf, hash: &str, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
+fn try_resume(dir: &PathBuf, spec: &LoopSpec, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
+    let hash = &spec.hash;
     let state_path = dir.join(STATE);
     if !state_path.exists() {
         return Ok(None);
     }
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
     let Ok(state) = serde_json::from_str::<LoopState>(&text) else { return Ok(None) };
-    if state.hash != hash {
+    if &state.hash != hash {
         return Ok(None);
     }
     let saved = Trainable::load(dir, model.model.device())?;
     for ((n, dst), (_, src)) in model.vars.iter().zip(&saved.vars) {
         debug_assert!(saved.vars.iter().any(|(m, _)| m == n));
         dst.set(src.as_tensor())?;
+    }
+    if !spec.extra_vars.is_empty() {
+        let extra = load_weights(&dir.join(EXTRA), model.model.device())?;
+        for (name, var) in &spec.extra_vars {
+            let t = extra.get(name).ok_or_else(|| anyhow::anyhow!("resume state lacks {name}"))?;
+            var.set(t)?;
+        }
     }
     opt.load(&dir.join(OPTIMIZER), state.step)?;
     Ok(Some(state))

