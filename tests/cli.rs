@@ -240,3 +240,36 @@ fn example_prints_the_embedded_quickstart() {
     let text = stdout(&o);
     assert_eq!(text, fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("experiments/quickstart.toml")).unwrap());
 }
+
+#[test]
+fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
+    let dir = tempdir();
+    let out = dir.path().join("run");
+    let o = run(&["run", fixture("tiny_safety.toml").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = metrics(&out);
+    let has = |model: &str, eval: &str| rows.iter().any(|r| r["model"] == model && r["eval"] == eval);
+    for mech in ["normal", "cot"] {
+        for stage in ["after_sft", "after_ppo", "after_rloo", "after_adversarial"] {
+            assert!(has(&format!("{mech}/{stage}"), "triggered"), "no {mech}/{stage} rows");
+        }
+    }
+    // Post-scratchpad SFT applies to CoT models only.
+    assert!(has("cot/after_sft_post_scratchpad", "triggered"));
+    assert!(!has("normal/after_sft_post_scratchpad", "triggered"));
+    assert!(has("reward_model/trained", "pairwise_accuracy"));
+    let methods: std::collections::BTreeSet<&str> = rows.iter().filter_map(|r| r["method"].as_str()).collect();
+    for m in ["sft", "sft_post_scratchpad", "ppo", "rloo", "adversarial_sft"] {
+        assert!(methods.contains(m), "method {m} missing from {methods:?}");
+    }
+    for f in ["rl_stats/normal_after_ppo.jsonl", "rl_stats/cot_after_rloo.jsonl", "checkpoints/reward_model/extra.safetensors", "checkpoints/cot/redteam.json"] {
+        assert!(out.join(f).exists(), "missing {f}");
+    }
+    let stats = fs::read_to_string(out.join("rl_stats/normal_after_ppo.jsonl")).unwrap();
+    let first: serde_json::Value = serde_json::from_str(stats.lines().next().unwrap()).unwrap();
+    for k in ["reward", "kl", "entropy", "clip_fraction"] {
+        assert!(first["rl_stats"][k].is_number(), "rl_stats lacks {k}");
+    }
+    let report = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("PPO") || report.contains("ppo"), "report does not mention PPO");
+}

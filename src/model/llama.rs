@@ -469,6 +469,7 @@ pub struct ForwardOut {
 impl Llama {
     pub fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
+        kernels::tune_runtime();
         let device = vb.device().clone();
         let vm = vb.pp("model");
         let emb = vm.pp("embed_tokens").get_with_hints(

