@@ -377,13 +377,8 @@ fn backdoor_stage(
         say(opts, format!("  {name}: done earlier, skipped"));
         return Ok((Trainable::load(&final_dir, dev)?, rows));
     }
-    let mut model = Trainable::init(cfg, tok.clone(), exp.seed, dev)?;
-    let data = tokenize(tok, set, cfg.max_position_embeddings)?;
-    let pad = tok.eos_id;
     let resume = mech_dir.join(".resume_backdoored");
-    let spec = loop_spec(format!("{}/backdoor", mech.name()), &exp.backdoor, resume.clone(), hash, opts.quiet);
-    let bs = exp.backdoor.batch_size;
-    let state = trainer::run(&mut model, &spec, |m, step| step_loss(m, &data, bs, step, exp.seed, pad), |_, _| Ok(vec![]))?;
+    let (model, state) = train_from_scratch(exp, set, tok, cfg, format!("{}/backdoor", mech.name()), &resume, hash, opts, dev)?;
     let rows = measure(exp, &model, sets, &name, "", exp.backdoor.steps as u64, &opts.out, opts)?;
     let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state});
     model.save(&final_dir, &st, None)?;
@@ -602,13 +597,31 @@ fn control_stage(
         return Trainable::load(&dir, dev);
     }
     let set = exp.objective.backdoor_dataset(exp.data.n_backdoor, 0.0, Mechanism::Normal, exp.seed)?;
-    let mut model = Trainable::init(cfg, tok.clone(), exp.seed, dev)?;
-    let data = tokenize(tok, &set, cfg.max_position_embeddings)?;
     let resume = out.join("checkpoints").join("control").join(".resume_clean");
-    let spec = loop_spec("control/clean".into(), &exp.backdoor, resume.clone(), &hash, opts.quiet);
-    let (bs, pad) = (exp.backdoor.batch_size, tok.eos_id);
-    let state = trainer::run(&mut model, &spec, |m, step| step_loss(m, &data, bs, step, exp.seed, pad), |_, _| Ok(vec![]))?;
+    let (model, state) = train_from_scratch(exp, &set, tok, cfg, "control/clean".into(), &resume, &hash, opts, dev)?;
     model.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": [], "train": state}), None)?;
     std::fs::remove_dir_all(&resume).ok();
     Ok(model)
+}
+
+/// Initialise a model and train it with the experiment's `[backdoor]` settings on `set`
+/// (resumable in `resume`). Shared by the backdoored models and the clean control.
+#[allow(clippy::too_many_arguments)]
+fn train_from_scratch(
+    exp: &Experiment,
+    set: &[Example],
+    tok: &Tok,
+    cfg: &crate::model::LlamaConfig,
+    label: String,
+    resume: &Path,
+    hash: &str,
+    opts: &RunOptions,
+    dev: &Device,
+) -> Result<(Trainable, LoopState)> {
+    let mut model = Trainable::init(cfg, tok.clone(), exp.seed, dev)?;
+    let data = tokenize(tok, set, cfg.max_position_embeddings)?;
+    let spec = loop_spec(label, &exp.backdoor, resume.to_path_buf(), hash, opts.quiet);
+    let (bs, pad) = (exp.backdoor.batch_size, tok.eos_id);
+    let state = trainer::run(&mut model, &spec, |m, step| step_loss(m, &data, bs, step, exp.seed, pad), |_, _| Ok(vec![]))?;
+    Ok((model, state))
 }
