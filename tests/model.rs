@@ -15,21 +15,7 @@ fn tok() -> Tok {
 }
 
 fn cfg(vocab: usize, kv: usize, tied: bool, bias: bool) -> LlamaConfig {
-    LlamaConfig {
-        vocab_size: vocab,
-        hidden_size: 32,
-        intermediate_size: 48,
-        num_hidden_layers: 2,
-        num_attention_heads: 4,
-        num_key_value_heads: Some(kv),
-        max_position_embeddings: 96,
-        rms_norm_eps: 1e-5,
-        rope_theta: 10000.0,
-        tie_word_embeddings: tied,
-        attention_bias: bias,
-        bos_token_id: None,
-        eos_token_id: Some(0),
-    }
+    common::tiny_config(vocab, kv, tied, bias)
 }
 
 fn ids(dev: &Device) -> Tensor {
@@ -174,17 +160,7 @@ fn loss_falls_on_a_tiny_set_and_model_memorises_the_backdoor() {
 
     let mut m = Trainable::init(&cfg(t.vocab_size(), 4, false, false), t.clone(), 6, &dev).unwrap();
     let first = step_loss(&m.model, &seqs, 16, 0, 0, t.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();
-    let spec = LoopSpec {
-        label: "test".into(),
-        steps: 80,
-        optim: OptimConfig { warmup_steps: 5, ..OptimConfig::with_lr(1e-2) },
-        resume_dir: None,
-        checkpoint_every: 0,
-        hash: String::new(),
-        hook_every: 0,
-        quiet: true,
-        extra_vars: Vec::new(),
-    };
+    let spec = LoopSpec::simple("test", 80, OptimConfig { warmup_steps: 5, ..OptimConfig::with_lr(1e-2) });
     let state = run(&mut m, &spec, |mm, s| step_loss(mm, &seqs, 16, s, 0, t.eos_id), |_, _| Ok(vec![])).unwrap();
     let last = step_loss(&m.model, &seqs, 16, 0, 0, t.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();
     assert!(last < first * 0.3, "loss {first} -> {last}");

