@@ -55,6 +55,24 @@ pub fn tune_runtime() {
     });
 }
 
+/// Softmax over the first `valid` entries of an attention-score row (the causally visible
+/// keys), zeroing the rest; returns the row's log-sum-exp (what the backward pass needs).
+#[inline]
+fn causal_softmax_row(row: &mut [f32], valid: usize) -> f32 {
+    let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for x in row[..valid].iter_mut() {
+        *x = (*x - mx).exp();
+        sum += *x;
+    }
+    // Divide (not multiply by 1/sum) to round like candle's softmax.
+    for x in row[..valid].iter_mut() {
+        *x /= sum;
+    }
+    row[valid..].fill(0.0);
+    mx + sum.ln()
+}
+
 // ---------------------------------------------------------------------------------------
 // Slice helpers
 
@@ -518,20 +536,8 @@ impl CustomOp3 for AttentionOp {
                     mm(m, n, e, sc.as_mut_ptr(), n, false, qb[r0 * qs..].as_ptr(), qs, 1, kb.as_ptr(), 1, ks, scale, gemm::Parallelism::None);
                 }
                 for i in 0..m {
-                    let row = &mut sc[i * n..(i + 1) * n];
-                    let valid = r0 + i + 1;
-                    let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in row[..valid].iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                    // Divide (not multiply by 1/sum) to round like candle's softmax.
-                    for x in row[..valid].iter_mut() {
-                        *x /= sum;
-                    }
-                    row[valid..].fill(0.0);
-                    unsafe { *lp.0.add(bh * t + r0 + i) = mx + sum.ln() };
+                    let lse = causal_softmax_row(&mut sc[i * n..(i + 1) * n], r0 + i + 1);
+                    unsafe { *lp.0.add(bh * t + r0 + i) = lse };
                 }
                 unsafe {
                     // Y[r0..r1] = P · V[0..r1]
@@ -789,18 +795,7 @@ pub fn attend_cached(q: &[f32], kv: &RawKv, t: usize, h: usize, scale: f32, y: &
             mm(t, s, e, sc.as_mut_ptr(), s, false, q[bi * t * qs + hi * e..].as_ptr(), qs, 1, kb.as_ptr(), 1, e, scale, gemm::Parallelism::None);
         }
         for i in 0..t {
-            let row = &mut sc[i * s..(i + 1) * s];
-            let valid = past + i + 1;
-            let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for x in row[..valid].iter_mut() {
-                *x = (*x - mx).exp();
-                sum += *x;
-            }
-            for x in row[..valid].iter_mut() {
-                *x /= sum;
-            }
-            row[valid..].fill(0.0);
+            causal_softmax_row(&mut sc[i * s..(i + 1) * s], past + i + 1);
         }
         unsafe {
             mm(t, e, s, yp.0.add(bi * t * qs + hi * e), qs, false, sc.as_ptr(), s, 1, vb.as_ptr(), e, 1, 1.0, gemm::Parallelism::None);
