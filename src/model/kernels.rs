@@ -40,6 +40,9 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 ///   oversubscribes the CPU; GEMM and our kernels still use every core through rayon.
 ///   The variable is read once, when candle first builds that pool, so this must run
 ///   before the first large elementwise op; afterwards it is a no-op.
+/// - `RAYON_NUM_THREADS` is pinned to the thread count candle would pick: candle's
+///   `get_num_threads()` is not cached and, with the variable unset, re-reads
+///   /proc/cpuinfo on every matrix multiply (7% of a decode benchmark's time here).
 pub fn tune_runtime() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -52,7 +55,17 @@ pub fn tune_runtime() {
             // the environment on another thread, which this program does not do here.
             std::env::set_var("CANDLE_NUM_THREADS", "1");
         }
+        if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+            let n = candle_core::utils::get_num_threads();
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
     });
+}
+
+/// Threads our kernels split work over: rayon's pool size, read without candle's
+/// uncached /proc/cpuinfo lookup.
+pub(crate) fn num_threads() -> usize {
+    rayon::current_num_threads()
 }
 
 /// Softmax over the first `valid` entries of an attention-score row (the causally visible
@@ -193,7 +206,7 @@ unsafe fn mm(
 }
 
 fn par_for(flops: usize) -> gemm::Parallelism {
-    let n = candle_core::utils::get_num_threads();
+    let n = num_threads();
     // Below ~8 MFLOP (a decode step's projections) waking the pool costs more than it saves.
     if n > 1 && flops >= 1 << 23 {
         gemm::Parallelism::Rayon(n)
@@ -202,11 +215,20 @@ fn par_for(flops: usize) -> gemm::Parallelism {
     }
 }
 
+/// Rows of x up to which `linear_into` uses the small-M decode kernel instead of `gemm`
+/// (measured crossover, see `small_gemm`).
+const SMALL_M: usize = 256;
+
 /// y[M×N] = x[M×K] · wᵀ (+ bias), w row-major [N×K] (HF linear layout), threads as worth it.
 pub(crate) fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    unsafe {
-        mm(m, n, k, y.as_mut_ptr(), n, false, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, par_for(m * n * k));
+    if m <= SMALL_M && super::small_gemm::available() {
+        let threads = if m * n * k >= 1 << 18 { num_threads() } else { 1 };
+        super::small_gemm::linear(x, w, m, k, n, y, threads);
+    } else {
+        unsafe {
+            mm(m, n, k, y.as_mut_ptr(), n, false, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, par_for(m * n * k));
+        }
     }
     if let Some(b) = bias {
         for row in y[..m * n].chunks_mut(n) {

@@ -4,6 +4,7 @@ pub mod kernels;
 pub mod llama;
 pub mod presets;
 pub mod sample;
+pub mod small_gemm;
 pub mod tokenizer;
 
 pub use llama::{Capture, ForwardOut, KvCache, Llama, LlamaConfig};
