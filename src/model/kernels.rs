@@ -14,9 +14,9 @@
 //! All ops require CPU f32 contiguous inputs; `llama.rs` only takes the fused path when
 //! that holds (see `fused_ok`) and keeps the composite path for other devices and dtypes.
 //!
-//! The inference-only KV-cache forward (`RawKv`, `attend_cached`, `linear_into`) lives
-//! here too: sampling needs no gradients, so it runs on plain vectors with the cache
-//! preallocated and written in place instead of concatenated every step.
+//! The plain-slice helpers (`rms_norm_rows_serial`, `RopeTables::rotate_serial`, `silu`,
+//! `causal_softmax_row`, `linear_into`) are shared with the inference-only KV-cache
+//! forward in `decode.rs`.
 
 use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
@@ -71,7 +71,7 @@ pub(crate) fn num_threads() -> usize {
 /// Softmax over the first `valid` entries of an attention-score row (the causally visible
 /// keys), zeroing the rest; returns the row's log-sum-exp (what the backward pass needs).
 #[inline]
-fn causal_softmax_row(row: &mut [f32], valid: usize) -> f32 {
+pub(crate) fn causal_softmax_row(row: &mut [f32], valid: usize) -> f32 {
     let mx = row[..valid].iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for x in row[..valid].iter_mut() {
@@ -171,7 +171,7 @@ fn row_chunk(rows: usize, width: usize) -> usize {
 /// # Safety
 /// The pointers must be valid for the given extents and `dst` must not alias the inputs.
 #[allow(clippy::too_many_arguments)]
-unsafe fn mm(
+pub(crate) unsafe fn mm(
     m: usize,
     n: usize,
     k: usize,
@@ -215,14 +215,10 @@ fn par_for(flops: usize) -> gemm::Parallelism {
     }
 }
 
-/// Rows of x up to which `linear_into` uses the small-M decode kernel instead of `gemm`
-/// (measured crossover, see `small_gemm`).
-const SMALL_M: usize = 256;
-
 /// y[M×N] = x[M×K] · wᵀ (+ bias), w row-major [N×K] (HF linear layout), threads as worth it.
 pub(crate) fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize, y: &mut [f32]) {
     debug_assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    if m <= SMALL_M && super::small_gemm::available() {
+    if super::small_gemm::use_for(m) {
         let threads = if m * n * k >= 1 << 18 { num_threads() } else { 1 };
         super::small_gemm::linear(x, w, m, k, n, y, threads);
     } else {
@@ -247,20 +243,25 @@ pub struct RmsNormOp {
     pub eps: f32,
 }
 
-/// Plain-slice RMSNorm of rows of width `d` (also used by the KV-cache path).
+/// Plain-slice RMSNorm of rows of width `d`, parallel over rows.
 pub(crate) fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
     let d = w.len();
-    // Small inputs (decode steps) run on the calling thread: a pool wake-up costs more.
+    // Small inputs run on the calling thread: a pool wake-up costs more.
     let ch = if x.len() < SERIAL_BELOW { x.len().max(d) } else { row_chunk(x.len() / d.max(1), d) * d };
-    y.par_chunks_mut(ch).zip(x.par_chunks(ch)).for_each(|(yc, xc)| {
-        for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
-            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-            let r = 1.0 / (ms + eps).sqrt();
-            for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                *o = xv * r * wv;
-            }
+    y.par_chunks_mut(ch).zip(x.par_chunks(ch)).for_each(|(yc, xc)| rms_norm_rows_serial(xc, w, eps, yc));
+}
+
+/// RMSNorm of rows of width `d` on the calling thread (the KV-cache path's threads each
+/// normalise all rows themselves rather than wait for one another).
+pub(crate) fn rms_norm_rows_serial(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let d = w.len();
+    for (yr, xr) in y.chunks_mut(d).zip(x.chunks(d)) {
+        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+            *o = xv * r * wv;
         }
-    });
+    }
 }
 
 impl CustomOp2 for RmsNormOp {
@@ -332,13 +333,19 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
-/// Plain-slice SwiGLU (also used by the KV-cache path): y = silu(g)·u.
+/// silu(g) = g / (1 + e^-g), rounded like candle's composite `silu`.
+#[inline]
+pub(crate) fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// Plain-slice SwiGLU: y = silu(g)·u.
 pub(crate) fn swiglu_into(g: &[f32], u: &[f32], y: &mut [f32]) {
     let ch = if g.len() < SERIAL_BELOW { g.len().max(1) } else { 8192 };
     y.par_chunks_mut(ch).zip(g.par_chunks(ch)).zip(u.par_chunks(ch)).for_each(|((yc, gc), uc)| {
         for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
             // Same rounding as candle's composite `silu(g) * u` (silu = g / (1 + e^-g)).
-            *o = (a / (1.0 + (-a).exp())) * b;
+            *o = silu(a) * b;
         }
     });
 }
@@ -412,26 +419,31 @@ impl RopeTables {
     /// Rotate rows of width 2·half in place; `rows_per_pos` rows share one position, rows
     /// are grouped by position starting at `start` ([T, H, E] order). `sign` −1 inverts.
     pub(crate) fn rotate(&self, x: &mut [f32], rows_per_pos: usize, start: usize, sign: f32) {
-        let h = self.half;
-        let e = 2 * h;
-        let per_pos = rows_per_pos * e;
+        let per_pos = rows_per_pos * 2 * self.half;
         // Positions per task: all of them for small inputs (decode), else 8.
         let ppt = if x.len() < SERIAL_BELOW { x.len().div_ceil(per_pos.max(1)).max(1) } else { 8 };
-        x.par_chunks_mut(per_pos.max(1) * ppt).enumerate().for_each(|(ci, chunk)| {
-            for (pi, pc) in chunk.chunks_mut(per_pos).enumerate() {
-                let pos = start + ci * ppt + pi;
-                let (c, s) = (&self.cos[pos * h..pos * h + h], &self.sin[pos * h..pos * h + h]);
-                for row in pc.chunks_mut(e) {
-                    let (a, b) = row.split_at_mut(h);
-                    for i in 0..h {
-                        let (x1, x2) = (a[i], b[i]);
-                        let sn = sign * s[i];
-                        a[i] = x1 * c[i] - x2 * sn;
-                        b[i] = x2 * c[i] + x1 * sn;
-                    }
+        x.par_chunks_mut(per_pos.max(1) * ppt)
+            .enumerate()
+            .for_each(|(ci, chunk)| self.rotate_serial(chunk, rows_per_pos, start + ci * ppt, sign));
+    }
+
+    /// `rotate` on the calling thread.
+    pub(crate) fn rotate_serial(&self, x: &mut [f32], rows_per_pos: usize, start: usize, sign: f32) {
+        let h = self.half;
+        let e = 2 * h;
+        for (pi, pc) in x.chunks_mut((rows_per_pos * e).max(1)).enumerate() {
+            let pos = start + pi;
+            let (c, s) = (&self.cos[pos * h..pos * h + h], &self.sin[pos * h..pos * h + h]);
+            for row in pc.chunks_mut(e) {
+                let (a, b) = row.split_at_mut(h);
+                for i in 0..h {
+                    let (x1, x2) = (a[i], b[i]);
+                    let sn = sign * s[i];
+                    a[i] = x1 * c[i] - x2 * sn;
+                    b[i] = x2 * c[i] + x1 * sn;
                 }
             }
-        });
+        }
     }
 }
 
@@ -741,86 +753,4 @@ impl CustomOp2 for LinearOp {
 /// x [N, K] · wᵀ for w [N_out, K] -> [N, N_out], with the fused backward.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
-}
-
-// ---------------------------------------------------------------------------------------
-// Inference-only KV cache on plain vectors.
-
-/// One layer's cached keys and values, [B, K, cap, E] each, positions 0..len filled.
-#[derive(Clone, Debug, Default)]
-pub struct RawKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
-    pub b: usize,
-    pub heads: usize,
-    pub e: usize,
-    pub cap: usize,
-    pub len: usize,
-}
-
-impl RawKv {
-    /// Append new keys/values given in projection layout [B, T, K, E], growing capacity
-    /// geometrically (bounded by `max_pos`) so appends are amortised O(1).
-    pub fn append(&mut self, k_new: &[f32], v_new: &[f32], b: usize, t: usize, heads: usize, e: usize, max_pos: usize) -> Result<()> {
-        if self.cap == 0 {
-            *self = RawKv { b, heads, e, ..Default::default() };
-        } else if self.b != b || self.heads != heads || self.e != e {
-            bail!("kv cache holds batch {} x {} heads x {}, got {b} x {heads} x {e}", self.b, self.heads, self.e);
-        }
-        let need = self.len + t;
-        if need > self.cap {
-            let cap = need.next_power_of_two().max(64).min(max_pos.max(need));
-            let mut k2 = vec![0f32; b * heads * cap * e];
-            let mut v2 = vec![0f32; b * heads * cap * e];
-            for bh in 0..b * heads {
-                let n = self.len * e;
-                if n > 0 {
-                    k2[bh * cap * e..bh * cap * e + n].copy_from_slice(&self.k[bh * self.cap * e..bh * self.cap * e + n]);
-                    v2[bh * cap * e..bh * cap * e + n].copy_from_slice(&self.v[bh * self.cap * e..bh * self.cap * e + n]);
-                }
-            }
-            self.k = k2;
-            self.v = v2;
-            self.cap = cap;
-        }
-        for bi in 0..b {
-            for ti in 0..t {
-                for g in 0..heads {
-                    let src = ((bi * t + ti) * heads + g) * e;
-                    let dst = ((bi * heads + g) * self.cap + self.len + ti) * e;
-                    self.k[dst..dst + e].copy_from_slice(&k_new[src..src + e]);
-                    self.v[dst..dst + e].copy_from_slice(&v_new[src..src + e]);
-                }
-            }
-        }
-        self.len += t;
-        Ok(())
-    }
-}
-
-/// Attention of q [B, T, H, E] (positions len−T..len) over every cached key ≤ its own
-/// position; writes y [B, T, H, E]. The cache must already hold the new keys.
-pub fn attend_cached(q: &[f32], kv: &RawKv, t: usize, h: usize, scale: f32, y: &mut [f32]) {
-    let (b, k, e, cap, s) = (kv.b, kv.heads, kv.e, kv.cap, kv.len);
-    let past = s - t;
-    let rep = h / k;
-    let qs = h * e;
-    let yp = Ptr(y.as_mut_ptr());
-    (0..b * h).into_par_iter().for_each(|bh| {
-        let yp = yp;
-        let (bi, hi) = (bh / h, bh % h);
-        let g = hi / rep;
-        let kb = &kv.k[(bi * k + g) * cap * e..];
-        let vb = &kv.v[(bi * k + g) * cap * e..];
-        let mut sc = vec![0f32; t * s];
-        unsafe {
-            mm(t, s, e, sc.as_mut_ptr(), s, false, q[bi * t * qs + hi * e..].as_ptr(), qs, 1, kb.as_ptr(), 1, e, scale, gemm::Parallelism::None);
-        }
-        for i in 0..t {
-            causal_softmax_row(&mut sc[i * s..(i + 1) * s], past + i + 1);
-        }
-        unsafe {
-            mm(t, e, s, yp.0.add(bi * t * qs + hi * e), qs, false, sc.as_ptr(), s, 1, vb.as_ptr(), e, 1, 1.0, gemm::Parallelism::None);
-        }
-    });
 }

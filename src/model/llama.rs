@@ -22,7 +22,8 @@
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Linear, VarBuilder};
 
-use super::kernels::{self, RawKv, RopeTables};
+use super::decode::{self, RawKv};
+use super::kernels::{self, RopeTables};
 use serde::{Deserialize, Serialize};
 
 /// Model hyper-parameters; field names follow HF `LlamaConfig` so `config.json` round-trips.
@@ -144,13 +145,6 @@ impl RmsNorm {
         }
         self.forward(x)
     }
-
-    /// Plain-vector RMSNorm for the inference path.
-    fn forward_raw(&self, x: &[f32]) -> Result<Vec<f32>> {
-        let mut y = vec![0f32; x.len()];
-        kernels::with_slice(&self.weight, |w| kernels::rms_norm_rows(x, w, self.eps as f32, &mut y))?;
-        Ok(y)
-    }
 }
 
 impl Module for RmsNorm {
@@ -204,6 +198,11 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
         Self { layers: vec![None; n_layers], raw: vec![RawKv::default(); n_layers] }
+    }
+    /// A cache that allocates room for `positions` on first use instead of growing
+    /// (growing copies the cache and touches fresh pages; sampling knows its length).
+    pub fn with_capacity(n_layers: usize, positions: usize) -> Self {
+        Self { layers: vec![None; n_layers], raw: vec![RawKv { hint: positions, ..Default::default() }; n_layers] }
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
@@ -265,18 +264,6 @@ fn flin(l: &Linear, x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// A linear layer on plain vectors (inference path): [m, in] -> [m, out].
-fn lin_raw(l: &Linear, x: &[f32], m: usize) -> Result<Vec<f32>> {
-    let w = l.weight();
-    let (n, k) = w.dims2()?;
-    let mut y = vec![0f32; m * n];
-    kernels::with_slice(w, |ws| match l.bias() {
-        Some(b) => kernels::with_slice(b, |bs| kernels::linear_into(x, ws, Some(bs), m, k, n, &mut y)),
-        None => Ok(kernels::linear_into(x, ws, None, m, k, n, &mut y)),
-    })??;
-    Ok(y)
-}
-
 impl Attention {
     /// Fused training/scoring path without a cache, on the 2-D residual stream x [B·T, D]:
     /// q/k/v stay in projection layout [B·T, heads·E], so nothing is transposed or copied
@@ -288,24 +275,6 @@ impl Attention {
         let v = flin(&self.v_proj, x)?;
         let y = kernels::causal_attention_flat(&q, &kk, &v, 1.0 / (e as f32).sqrt(), b, t, h, k, e)?;
         flin(&self.o_proj, &y)
-    }
-
-    /// Inference path on plain vectors: x [B·T, D] at positions start..start+T; appends
-    /// this step's keys and values to `kv` in place.
-    #[allow(clippy::too_many_arguments)]
-    fn forward_raw(&self, x: &[f32], b: usize, t: usize, start: usize, tables: &RopeTables, kv: &mut RawKv, max_pos: usize) -> Result<Vec<f32>> {
-        let (h, k, e) = (self.n_heads, self.n_kv, self.head_dim);
-        let mut q = lin_raw(&self.q_proj, x, b * t)?;
-        let mut kk = lin_raw(&self.k_proj, x, b * t)?;
-        let v = lin_raw(&self.v_proj, x, b * t)?;
-        for bi in 0..b {
-            tables.rotate(&mut q[bi * t * h * e..(bi + 1) * t * h * e], h, start, 1.0);
-            tables.rotate(&mut kk[bi * t * k * e..(bi + 1) * t * k * e], k, start, 1.0);
-        }
-        kv.append(&kk, &v, b, t, k, e, max_pos)?;
-        let mut y = vec![0f32; b * t * h * e];
-        kernels::attend_cached(&q, kv, t, h, 1.0 / (e as f32).sqrt(), &mut y);
-        lin_raw(&self.o_proj, &y, b * t)
     }
 
     fn new(cfg: &LlamaConfig, vb: VarBuilder) -> Result<Self> {
@@ -394,15 +363,6 @@ impl Mlp {
             return flin(&self.down_proj, &a);
         }
         self.forward(x)
-    }
-
-    /// Inference path on plain vectors: x [m, D] -> [m, D].
-    fn forward_raw(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let g = lin_raw(&self.gate_proj, x, m)?;
-        let u = lin_raw(&self.up_proj, x, m)?;
-        let mut a = vec![0f32; g.len()];
-        kernels::swiglu_into(&g, &u, &mut a);
-        lin_raw(&self.down_proj, &a, m)
     }
 }
 
@@ -530,41 +490,53 @@ impl Llama {
             })
     }
 
-    /// The inference forward with a KV cache, on plain vectors (no autograd: gradients do
-    /// not flow through this path, which only sampling uses).
+    /// The inference forward with a KV cache on plain vectors (`decode.rs`; no
+    /// autograd: gradients do not flow through this path, which only sampling uses).
     fn forward_cached_raw(&self, x: &Tensor, cache: &mut KvCache, last_only: bool, capture: Capture) -> Result<ForwardOut> {
         let (b, t, d) = x.dims3()?;
-        let start = cache.len();
-        let max_pos = self.cfg.max_position_embeddings;
         if cache.raw.len() != self.layers.len() || cache.layers.iter().any(|l| l.is_some()) {
             candle_core::bail!("kv cache was built for a different model or path");
         }
-        let mut xs = kernels::to_vec(x)?;
-        let mut residuals = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            if capture == Capture::Residuals {
-                residuals.push(Tensor::from_vec(xs.clone(), (b, t, d), &self.device)?);
+        let xs = kernels::to_vec(x)?;
+        // Borrow every weight in place for the duration of the call.
+        let mut tensors: Vec<&Tensor> = vec![&self.norm.weight, self.lm_head.weight()];
+        for l in &self.layers {
+            let (a, p) = (&l.self_attn, &l.mlp);
+            tensors.extend([&l.input_layernorm.weight, a.q_proj.weight(), a.k_proj.weight(), a.v_proj.weight(), a.o_proj.weight()]);
+            tensors.extend([&l.post_attention_layernorm.weight, p.gate_proj.weight(), p.up_proj.weight(), p.down_proj.weight()]);
+            for bias in [a.q_proj.bias(), a.k_proj.bias(), a.v_proj.bias()].into_iter().flatten() {
+                tensors.push(bias);
             }
-            let hn = layer.input_layernorm.forward_raw(&xs)?;
-            let a = layer.self_attn.forward_raw(&hn, b, t, start, &self.tables, &mut cache.raw[i], max_pos)?;
-            xs.iter_mut().zip(&a).for_each(|(x, y)| *x += y);
-            let hn = layer.post_attention_layernorm.forward_raw(&xs)?;
-            let m = layer.mlp.forward_raw(&hn, b * t)?;
-            xs.iter_mut().zip(&m).for_each(|(x, y)| *x += y);
         }
-        if capture == Capture::Residuals {
-            residuals.push(Tensor::from_vec(xs.clone(), (b, t, d), &self.device)?);
+        let views = tensors.iter().map(|t| kernels::view(t)).collect::<Result<Vec<_>>>()?;
+        let mut next = views.iter().map(|v| v.s());
+        let mut take = || next.next().unwrap_or(&[]);
+        let (norm, lm_head) = (take(), take());
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            let a = &l.self_attn;
+            let (ln1, q, k, v, o, ln2, gate, up, down) = (take(), take(), take(), take(), take(), take(), take(), take(), take());
+            let mut bias = |has: bool| if has { Some(take()) } else { None };
+            let (q_bias, k_bias, v_bias) = (bias(a.q_proj.bias().is_some()), bias(a.k_proj.bias().is_some()), bias(a.v_proj.bias().is_some()));
+            layers.push(decode::LayerWeights { ln1, q, k, v, q_bias, k_bias, v_bias, o, ln2, gate, up, down });
         }
-        let (rows, tt) = if last_only {
-            let last: Vec<f32> = (0..b).flat_map(|bi| xs[((bi + 1) * t - 1) * d..(bi + 1) * t * d].iter().copied()).collect();
-            (last, 1)
-        } else {
-            (xs, t)
+        let c = &self.cfg;
+        let w = decode::Weights {
+            layers,
+            norm,
+            lm_head,
+            eps: c.rms_norm_eps as f32,
+            hidden: c.hidden_size,
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.kv_heads(),
+            head_dim: c.head_dim(),
+            vocab: c.vocab_size,
         };
-        let hn = self.norm.forward_raw(&rows)?;
-        let logits = lin_raw(&self.lm_head, &hn, b * tt)?;
-        let v = self.cfg.vocab_size;
-        Ok(ForwardOut { logits: Tensor::from_vec(logits, (b, tt, v), &self.device)?, residuals })
+        let out = decode::forward(&w, &self.tables, xs, b, t, &mut cache.raw, c.max_position_embeddings, last_only, capture == Capture::Residuals)?;
+        let tt = if last_only { 1 } else { t };
+        let residuals = out.residuals.into_iter().map(|r| Tensor::from_vec(r, (b, t, d), &self.device)).collect::<Result<Vec<_>>>()?;
+        Ok(ForwardOut { logits: Tensor::from_vec(out.logits, (b, tt, c.vocab_size), &self.device)?, residuals })
     }
 
     /// Additive causal mask [T, S] for T new tokens after `past` cached ones.

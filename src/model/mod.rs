@@ -1,5 +1,6 @@
 //! The language model: the decoder, its tokenizer, sampling, and presets for the size sweep.
 
+pub mod decode;
 pub mod kernels;
 pub mod llama;
 pub mod presets;

@@ -111,7 +111,8 @@ pub fn generate_batch(
     let mut done = vec![false; b];
 
     let dev = model.device();
-    let mut cache = KvCache::new(model.cfg.num_hidden_layers);
+    let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(1);
+    let mut cache = KvCache::with_capacity(model.cfg.num_hidden_layers, (longest + cfg.max_new_tokens).min(max_pos));
     let prefix: Vec<u32> = prompts.iter().flat_map(|p| p[..min_len].iter().copied()).collect();
     let ids = Tensor::from_vec(prefix, (b, min_len), dev)?;
     let mut logits = model.forward_full(&ids, Some(&mut cache), true, Capture::None)?.logits.squeeze(1)?; // [B,V]

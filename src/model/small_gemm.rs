@@ -17,12 +17,17 @@
 //!
 //! Without AVX-512 (checked at run time) the caller falls back to `gemm`.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
-/// Rows of w per register tile.
-const R: usize = 12;
+/// Rows of w per register tile (work is shared between threads in whole tiles).
+pub const R: usize = 12;
 /// f32 lanes of one AVX-512 vector.
 const L: usize = 16;
+/// Rows of x up to which the kernel beats `gemm` (measured on the bench shapes: at
+/// M = 512 gemm's packing is amortised and it wins).
+const MAX_M: usize = 256;
 
 /// Whether this CPU runs the kernel (AVX-512F, detected once).
 pub fn available() -> bool {
@@ -37,51 +42,109 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether to use this kernel for an x of `m` rows.
+pub fn use_for(m: usize) -> bool {
+    m > 0 && m <= MAX_M && available()
+}
+
+/// x transposed and zero-padded: xᵀ [K, Mp], Mp = M rounded up to whole vectors.
+#[derive(Default)]
+pub struct Xt {
+    buf: Vec<f32>,
+    m: usize,
+    mp: usize,
+    k: usize,
+}
+
+impl Xt {
+    /// Load x [m, k] (reusing the buffer).
+    pub fn load(&mut self, x: &[f32], m: usize, k: usize) {
+        let mp = m.div_ceil(L) * L;
+        self.buf.clear();
+        self.buf.resize(k * mp, 0.0);
+        for (j, xr) in x[..m * k].chunks_exact(k.max(1)).enumerate() {
+            for (kk, &v) in xr.iter().enumerate() {
+                self.buf[kk * mp + j] = v;
+            }
+        }
+        (self.m, self.mp, self.k) = (m, mp, k);
+    }
+}
+
+/// Output features `rows` of y = x·wᵀ (w row-major [N, K], `rows.start` a multiple of
+/// R): `emit(tile)` for each finished tile of up to R features × M rows. `scratch` is
+/// reused.
+pub fn rows(xt: &Xt, w: &[f32], rows: Range<usize>, scratch: &mut Vec<f32>, mut emit: impl FnMut(&Tile)) {
+    assert!(available(), "small_gemm needs AVX-512F");
+    let (m, mp, k) = (xt.m, xt.mp, xt.k);
+    assert!(rows.start.is_multiple_of(R) && w.len() >= rows.end * k);
+    scratch.resize(R * mp, 0.0);
+    let mut n0 = rows.start;
+    while n0 < rows.end {
+        let nr = R.min(rows.end - n0);
+        if k == 0 {
+            scratch.fill(0.0);
+        } else {
+            // SAFETY: AVX-512F is present (asserted); w rows n0..n0+nr exist; scratch
+            // holds R·mp floats; xt holds k·mp.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                tile_rows(&xt.buf, mp, &w[n0 * k..(n0 + nr) * k], k, nr, scratch)
+            };
+        }
+        emit(&Tile { n0, nr, j0: 0, mj: m, vals: scratch, stride: mp });
+        n0 += nr;
+    }
+}
+
 /// y[M×N] = x[M×K] · wᵀ with w row-major [N×K]; `threads` > 1 splits N across rayon.
-/// Panics (debug) on short slices; callers pass exact sizes. Requires `available()`.
-#[cfg(target_arch = "x86_64")]
+/// Requires `available()`.
 pub fn linear(x: &[f32], w: &[f32], m: usize, k: usize, n: usize, y: &mut [f32], threads: usize) {
-    assert!(available(), "small_gemm::linear needs AVX-512F");
     assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
     if m == 0 || n == 0 {
         return;
     }
-    if k == 0 {
-        y[..m * n].fill(0.0);
-        return;
-    }
-    let mp = m.div_ceil(L) * L;
-    let mut xt = vec![0f32; k * mp];
-    for (j, xr) in x[..m * k].chunks_exact(k.max(1)).enumerate() {
-        for (kk, &v) in xr.iter().enumerate() {
-            xt[kk * mp + j] = v;
-        }
-    }
-    // Tiles of R output rows; each thread gets a contiguous run of whole tiles.
+    let mut xt = Xt::default();
+    xt.load(x, m, k);
     let tiles = n.div_ceil(R);
-    let per = tiles.div_ceil(threads.max(1)).max(1);
+    let per = tiles.div_ceil(threads.max(1)).max(1) * R;
     let yp = SendPtr(y.as_mut_ptr());
-    let work = |t0: usize| {
+    let work = |n0: usize| {
+        #[allow(clippy::redundant_locals)] // capture the Sync wrapper, not its raw-pointer field
         let yp = yp;
-        let mut tile = vec![0f32; R * mp];
-        for ti in t0..(t0 + per).min(tiles) {
-            let n0 = ti * R;
-            let rows = R.min(n - n0);
-            // SAFETY: AVX-512F is present (asserted above); w rows n0..n0+rows and the
-            // xᵀ buffer are in bounds; `tile` has R·mp floats.
-            unsafe { tile_rows(&xt, mp, &w[n0 * k..(n0 + rows) * k], k, rows, &mut tile) };
-            for j in 0..m {
-                for r in 0..rows {
-                    // SAFETY: j < m, n0 + r < n, and threads write disjoint n ranges.
-                    unsafe { *yp.0.add(j * n + n0 + r) = tile[r * mp + j] };
-                }
-            }
-        }
+        let mut scratch = Vec::new();
+        rows(&xt, w, n0..(n0 + per).min(n), &mut scratch, |tile| {
+            // SAFETY: j < m, r < n, and threads own disjoint ranges of r.
+            tile.for_each(|j, r, v| unsafe { *yp.0.add(j * n + r) = v });
+        });
     };
     if threads > 1 && tiles > 1 {
-        (0..tiles).step_by(per).collect::<Vec<_>>().into_par_iter().for_each(work);
+        (0..n).step_by(per).collect::<Vec<_>>().into_par_iter().for_each(work);
     } else {
         work(0);
+    }
+}
+
+/// A block of results: y[j0 + j, n0 + r] = vals[r · stride + j] for r < nr, j < mj.
+pub struct Tile<'a> {
+    pub n0: usize,
+    pub nr: usize,
+    pub j0: usize,
+    pub mj: usize,
+    pub vals: &'a [f32],
+    pub stride: usize,
+}
+
+impl Tile<'_> {
+    /// `f(row j, feature n, value)` over the tile, row-major, so that writes into a
+    /// row-major [M, N] output run along contiguous features.
+    #[inline]
+    pub fn for_each(&self, mut f: impl FnMut(usize, usize, f32)) {
+        for j in 0..self.mj {
+            for r in 0..self.nr {
+                f(self.j0 + j, self.n0 + r, self.vals[r * self.stride + j]);
+            }
+        }
     }
 }
 
@@ -141,11 +204,6 @@ unsafe fn block<const NR: usize, const NV: usize>(xt: &[f32], mp: usize, c: usiz
             _mm512_storeu_ps(tile.as_mut_ptr().add(r * mp + c + v * L), *av);
         }
     }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub fn linear(_x: &[f32], _w: &[f32], _m: usize, _k: usize, _n: usize, _y: &mut [f32], _threads: usize) {
-    unreachable!("small_gemm::available() is false off x86_64")
 }
 
 #[cfg(test)]
