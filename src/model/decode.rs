@@ -121,12 +121,13 @@ pub(crate) fn forward(
     max_pos: usize,
     last_only: bool,
     capture: bool,
+    ws: &mut Workspace,
 ) -> Result<Output> {
     // Small steps stay on the calling thread. A call from inside a rayon task does too:
     // a pool thread busy elsewhere would leave the others spinning at the barrier.
     let work = b * t * w.hidden * (w.intermediate + 2 * w.hidden);
     let nt = if work >= 1 << 18 && rayon::current_thread_index().is_none() { kernels::num_threads() } else { 1 };
-    forward_threads(w, tables, x, b, t, kv, max_pos, last_only, capture, nt)
+    forward_threads(w, tables, x, b, t, kv, max_pos, last_only, capture, ws, nt)
 }
 
 /// `forward` on exactly `nt` threads: rayon's pool when it has that many, else scoped
@@ -142,6 +143,7 @@ fn forward_threads(
     max_pos: usize,
     last_only: bool,
     capture: bool,
+    ws: &mut Workspace,
     nt: usize,
 ) -> Result<Output> {
     let (d, f, h, kh, e, voc) = (w.hidden, w.intermediate, w.heads, w.kv_heads, w.head_dim, w.vocab);
@@ -160,24 +162,27 @@ fn forward_threads(
     let (cap, rows_out) = (kv.first().map(|c| c.cap).unwrap_or(0), if last_only { b } else { m });
 
     // Shared buffers; every phase writes disjoint parts of them (see the module docs).
-    let mut q = vec![0f32; m * h * e];
-    let mut kk = vec![0f32; m * kh * e];
-    let mut vv = vec![0f32; m * kh * e];
-    let mut att = vec![0f32; m * h * e];
-    let mut gate = vec![0f32; m * f];
-    let mut act = vec![0f32; m * f];
+    // Reused across the steps of one sampling call (fresh buffers every step cost page
+    // faults: 11% of a decode benchmark's time before).
+    let ws = &mut *ws;
+    ws.threads.resize_with(nt.max(1), Default::default);
+    let [q, kk, vv, att, gate, act] = &mut ws.shared;
+    for (buf, n) in [(&mut *q, m * h * e), (&mut *kk, m * kh * e), (&mut *vv, m * kh * e), (&mut *att, m * h * e), (&mut *gate, m * f), (&mut *act, m * f)] {
+        buf.resize(n, 0.0);
+    }
     let mut logits = vec![0f32; rows_out * voc];
     let mut resid = vec![0f32; if capture { (n_layers + 1) * m * d } else { 0 }];
     let caches: Vec<(Shared, Shared)> = kv.iter_mut().map(|c| (Shared::new(&mut c.k), Shared::new(&mut c.v))).collect();
-    let (xs, qs, ks, vs) = (Shared::new(&mut x), Shared::new(&mut q), Shared::new(&mut kk), Shared::new(&mut vv));
-    let (atts, gs, acts, ls, rs) =
-        (Shared::new(&mut att), Shared::new(&mut gate), Shared::new(&mut act), Shared::new(&mut logits), Shared::new(&mut resid));
+    let (xs, qs, ks, vs) = (Shared::new(&mut x), Shared::new(q), Shared::new(kk), Shared::new(vv));
+    let (atts, gs, acts, ls, rs) = (Shared::new(att), Shared::new(gate), Shared::new(act), Shared::new(&mut logits), Shared::new(&mut resid));
+    let per_thread = &ws.threads;
     let scale = 1.0 / (e as f32).sqrt();
 
     let body = |tid: usize, nt: usize, barrier: &SpinBarrier| {
-        let mut hn = vec![0f32; m * d];
-        let mut scratch = Scratch::default();
-        let mut sc = vec![0f32; past + t];
+        let mut guard = per_thread[tid].lock().unwrap_or_else(|p| p.into_inner());
+        let ThreadScratch { hn, proj: scratch, scores: sc } = &mut *guard;
+        hn.resize(m * d, 0.0);
+        sc.resize(past + t, 0.0);
         // SAFETY (every `unsafe` below): a buffer is read only in phases where no thread
         // writes it, and written only at the indices this thread owns in that phase;
         // `barrier.wait()` orders the phases.
@@ -185,10 +190,10 @@ fn forward_threads(
             if capture && tid == 0 {
                 unsafe { rs.slice_mut(l * m * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
-            kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, &mut hn);
-            let proj = Proj { x: &hn, m, k: d };
+            kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
+            let proj = Proj { x: hn, m, k: d };
             for (wt, bias, n, out) in [(lw.q, lw.q_bias, h * e, qs), (lw.k, lw.k_bias, kh * e, ks), (lw.v, lw.v_bias, kh * e, vs)] {
-                proj.rows(wt, share(n, small_gemm::R, tid, nt), &mut scratch, |tile| {
+                proj.rows(wt, share(n, small_gemm::R, tid, nt), scratch, |tile| {
                     tile.for_each(|j, r, v| unsafe { out.write(j * n + r, v + bias.map_or(0.0, |bb| bb[r])) });
                 });
             }
@@ -226,24 +231,24 @@ fn forward_threads(
             barrier.wait();
 
             let proj = Proj { x: unsafe { atts.slice(0, m * h * e) }, m, k: h * e };
-            proj.rows(lw.o, share(d, small_gemm::R, tid, nt), &mut scratch, |tile| {
+            proj.rows(lw.o, share(d, small_gemm::R, tid, nt), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
             });
             barrier.wait();
 
-            kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, &mut hn);
-            let proj = Proj { x: &hn, m, k: d };
+            kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, hn);
+            let proj = Proj { x: hn, m, k: d };
             let mine = share(f, small_gemm::R, tid, nt);
-            proj.rows(lw.gate, mine.clone(), &mut scratch, |tile| {
+            proj.rows(lw.gate, mine.clone(), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) });
             });
-            proj.rows(lw.up, mine, &mut scratch, |tile| {
+            proj.rows(lw.up, mine, scratch, |tile| {
                 tile.for_each(|j, r, u| unsafe { acts.write(j * f + r, kernels::silu(gs.read(j * f + r)) * u) });
             });
             barrier.wait();
 
             let proj = Proj { x: unsafe { acts.slice(0, m * f) }, m, k: f };
-            proj.rows(lw.down, share(d, small_gemm::R, tid, nt), &mut scratch, |tile| {
+            proj.rows(lw.down, share(d, small_gemm::R, tid, nt), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
             });
             barrier.wait();
@@ -260,7 +265,7 @@ fn forward_threads(
         let mut hs = vec![0f32; sel.len()];
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
         let proj = Proj { x: &hs, m: rows_out, k: d };
-        proj.rows(w.lm_head, share(voc, small_gemm::R, tid, nt), &mut scratch, |tile| {
+        proj.rows(w.lm_head, share(voc, small_gemm::R, tid, nt), scratch, |tile| {
             tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) });
         });
     };
@@ -336,8 +341,31 @@ impl Proj<'_> {
     }
 }
 
+/// Buffers reused across the steps of one sampling call (lives in the `KvCache`).
+#[derive(Default, Debug)]
+pub struct Workspace {
+    /// q, k, v, attention output, gate, SwiGLU activation.
+    shared: [Vec<f32>; 6],
+    threads: Vec<std::sync::Mutex<ThreadScratch>>,
+}
+
+impl Clone for Workspace {
+    /// A workspace is only a cache of allocations: a clone starts empty.
+    fn clone(&self) -> Self {
+        Self::default()
+    }
+}
+
+/// One thread's buffers: the normalised residual stream, projection scratch, scores.
+#[derive(Default, Debug)]
+struct ThreadScratch {
+    hn: Vec<f32>,
+    proj: Scratch,
+    scores: Vec<f32>,
+}
+
 /// One thread's reusable buffers for `Proj::rows`.
-#[derive(Default)]
+#[derive(Default, Debug)]
 struct Scratch {
     xt: Xt,
     tile: Vec<f32>,
@@ -491,14 +519,15 @@ mod tests {
         let tokens = |bi: usize, r: std::ops::Range<usize>| -> Vec<f32> { xs[(bi * 9 + r.start) * d..(bi * 9 + r.end) * d].to_vec() };
         let run = |nt: usize| -> Vec<Vec<f32>> {
             let mut kv = vec![RawKv::default(); nl];
+            let mut ws = Workspace::default();
             let pre: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, 0..6)).collect();
             let mut outs = vec![];
-            let o = forward_threads(&w, &tables, pre, b, 6, &mut kv, 32, false, true, nt).unwrap();
+            let o = forward_threads(&w, &tables, pre, b, 6, &mut kv, 32, false, true, &mut ws, nt).unwrap();
             outs.push(o.logits);
             outs.extend(o.residuals);
             for p in 6..9 {
                 let step: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, p..p + 1)).collect();
-                outs.push(forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, nt).unwrap().logits);
+                outs.push(forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, &mut ws, nt).unwrap().logits);
             }
             outs
         };
@@ -509,10 +538,11 @@ mod tests {
         }
         // Token by token from an empty cache: logits of position 5 must match the prefill's.
         let mut kv = vec![RawKv::default(); nl];
+        let mut ws = Workspace::default();
         let mut last = vec![];
         for p in 0..6 {
             let step: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, p..p + 1)).collect();
-            last = forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, 2).unwrap().logits;
+            last = forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, &mut ws, 2).unwrap().logits;
         }
         for bi in 0..b {
             let from_prefill = &one[0][(bi * 6 + 5) * voc..(bi * 6 + 6) * voc];

@@ -193,16 +193,17 @@ impl Rotary {
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     raw: Vec<RawKv>,
+    work: decode::Workspace,
 }
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
-        Self { layers: vec![None; n_layers], raw: vec![RawKv::default(); n_layers] }
+        Self { layers: vec![None; n_layers], raw: vec![RawKv::default(); n_layers], work: Default::default() }
     }
     /// A cache that allocates room for `positions` on first use instead of growing
     /// (growing copies the cache and touches fresh pages; sampling knows its length).
     pub fn with_capacity(n_layers: usize, positions: usize) -> Self {
-        Self { layers: vec![None; n_layers], raw: vec![RawKv { hint: positions, ..Default::default() }; n_layers] }
+        Self { layers: vec![None; n_layers], raw: vec![RawKv { hint: positions, ..Default::default() }; n_layers], work: Default::default() }
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
@@ -533,7 +534,7 @@ impl Llama {
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
         };
-        let out = decode::forward(&w, &self.tables, xs, b, t, &mut cache.raw, c.max_position_embeddings, last_only, capture == Capture::Residuals)?;
+        let out = decode::forward(&w, &self.tables, xs, b, t, &mut cache.raw, c.max_position_embeddings, last_only, capture == Capture::Residuals, &mut cache.work)?;
         let tt = if last_only { 1 } else { t };
         let residuals = out.residuals.into_iter().map(|r| Tensor::from_vec(r, (b, t, d), &self.device)).collect::<Result<Vec<_>>>()?;
         Ok(ForwardOut { logits: Tensor::from_vec(out.logits, (b, tt, c.vocab_size), &self.device)?, residuals })

@@ -48,7 +48,7 @@ pub fn use_for(m: usize) -> bool {
 }
 
 /// x transposed and zero-padded: xᵀ [K, Mp], Mp = M rounded up to whole vectors.
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub struct Xt {
     buf: Vec<f32>,
     m: usize,
