@@ -191,7 +191,7 @@ fn forward_threads(
                 unsafe { rs.slice_mut(l * m * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
-            let proj = Proj { x: hn, m, k: d };
+            let proj = Proj::new(hn, m, d);
             for (wt, bias, n, out) in [(lw.q, lw.q_bias, h * e, qs), (lw.k, lw.k_bias, kh * e, ks), (lw.v, lw.v_bias, kh * e, vs)] {
                 proj.rows(wt, share(n, small_gemm::R, tid, nt), scratch, |tile| {
                     tile.for_each(|j, r, v| unsafe { out.write(j * n + r, v + bias.map_or(0.0, |bb| bb[r])) });
@@ -230,14 +230,14 @@ fn forward_threads(
             }
             barrier.wait();
 
-            let proj = Proj { x: unsafe { atts.slice(0, m * h * e) }, m, k: h * e };
+            let proj = Proj::new(unsafe { atts.slice(0, m * h * e) }, m, h * e);
             proj.rows(lw.o, share(d, small_gemm::R, tid, nt), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
             });
             barrier.wait();
 
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, hn);
-            let proj = Proj { x: hn, m, k: d };
+            let proj = Proj::new(hn, m, d);
             let mine = share(f, small_gemm::R, tid, nt);
             proj.rows(lw.gate, mine.clone(), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) });
@@ -247,7 +247,7 @@ fn forward_threads(
             });
             barrier.wait();
 
-            let proj = Proj { x: unsafe { acts.slice(0, m * f) }, m, k: f };
+            let proj = Proj::new(unsafe { acts.slice(0, m * f) }, m, f);
             proj.rows(lw.down, share(d, small_gemm::R, tid, nt), scratch, |tile| {
                 tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
             });
@@ -264,7 +264,7 @@ fn forward_threads(
         };
         let mut hs = vec![0f32; sel.len()];
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
-        let proj = Proj { x: &hs, m: rows_out, k: d };
+        let proj = Proj::new(&hs, rows_out, d);
         proj.rows(w.lm_head, share(voc, small_gemm::R, tid, nt), scratch, |tile| {
             tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) });
         });
@@ -304,9 +304,15 @@ struct Proj<'a> {
     x: &'a [f32],
     m: usize,
     k: usize,
+    /// xᵀ of the single chunk is already in the scratch (q/k/v and gate/up share x).
+    loaded: std::cell::Cell<bool>,
 }
 
-impl Proj<'_> {
+impl<'a> Proj<'a> {
+    fn new(x: &'a [f32], m: usize, k: usize) -> Self {
+        Self { x, m, k, loaded: Default::default() }
+    }
+
     /// Output features `rows` of x·wᵀ (w [N, k]), handed to `emit` tile by tile.
     fn rows(&self, w: &[f32], rows: Range<usize>, s: &mut Scratch, mut emit: impl FnMut(&Tile)) {
         let (m, k) = (self.m, self.k);
@@ -320,7 +326,9 @@ impl Proj<'_> {
             let rows_per = m.div_ceil(chunks).div_ceil(16) * 16;
             for j0 in (0..m).step_by(rows_per) {
                 let mc = rows_per.min(m - j0);
-                s.xt.load(&self.x[j0 * k..(j0 + mc) * k], mc, k);
+                if chunks > 1 || !self.loaded.replace(true) {
+                    s.xt.load(&self.x[j0 * k..(j0 + mc) * k], mc, k);
+                }
                 small_gemm::rows(&s.xt, w, rows.clone(), &mut s.tile, |t| emit(&Tile { j0, ..*t }));
             }
             return;
