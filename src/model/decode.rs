@@ -177,30 +177,51 @@ fn forward_threads(
     let (atts, gs, acts, ls, rs) = (Shared::new(att), Shared::new(gate), Shared::new(act), Shared::new(&mut logits), Shared::new(&mut resid));
     let per_thread = &ws.threads;
     let scale = 1.0 / (e as f32).sqrt();
+    // Work is claimed dynamically, unit by unit, from one counter per phase: a core
+    // slowed by another process then does less, where fixed shares made the other
+    // spin at the barrier (10% of a decode step). Units have fixed boundaries, so which
+    // thread computes an element never changes how it is summed.
+    let counters: Vec<AtomicUsize> = (0..n_layers * 5 + 1).map(|_| AtomicUsize::new(0)).collect();
+    let unit = |total: usize| if m <= 128 { small_gemm::R } else { total.div_ceil(nt.max(1)).div_ceil(small_gemm::R) * small_gemm::R };
 
-    let body = |tid: usize, nt: usize, barrier: &SpinBarrier| {
+    let body = |tid: usize, barrier: &SpinBarrier| {
+        let mut phase = 0;
+        let mut claims = |total: usize, unit: usize| {
+            let c = &counters[phase];
+            phase += 1;
+            std::iter::from_fn(move || {
+                let i = c.fetch_add(1, Ordering::Relaxed) * unit;
+                (i < total).then(|| i..(i + unit).min(total))
+            })
+        };
         let mut guard = per_thread[tid].lock().unwrap_or_else(|p| p.into_inner());
         let ThreadScratch { hn, proj: scratch, scores: sc } = &mut *guard;
         hn.resize(m * d, 0.0);
         sc.resize(past + t, 0.0);
         // SAFETY (every `unsafe` below): a buffer is read only in phases where no thread
-        // writes it, and written only at the indices this thread owns in that phase;
-        // `barrier.wait()` orders the phases.
+        // writes it, and written only at the indices of the units this thread claimed in
+        // that phase; `barrier.wait()` orders the phases.
         for (l, lw) in w.layers.iter().enumerate() {
             if capture && tid == 0 {
                 unsafe { rs.slice_mut(l * m * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
             let proj = Proj::new(hn, m, d);
-            for (wt, bias, n, out) in [(lw.q, lw.q_bias, h * e, qs), (lw.k, lw.k_bias, kh * e, ks), (lw.v, lw.v_bias, kh * e, vs)] {
-                proj.rows(wt, share(n, small_gemm::R, tid, nt), scratch, |tile| {
+            // q, k and v tiles as one claimable sequence of units.
+            let mats = [(lw.q, lw.q_bias, h * e, qs), (lw.k, lw.k_bias, kh * e, ks), (lw.v, lw.v_bias, kh * e, vs)];
+            let units = mats.map(|(_, _, n, _)| unit(n));
+            let counts = [0, 1, 2].map(|i| mats[i].2.div_ceil(units[i]));
+            for u in claims(counts.iter().sum(), 1).map(|r| r.start) {
+                let (i, u) = if u < counts[0] { (0, u) } else if u < counts[0] + counts[1] { (1, u - counts[0]) } else { (2, u - counts[0] - counts[1]) };
+                let (wt, bias, n, out) = mats[i];
+                proj.rows(wt, u * units[i]..((u + 1) * units[i]).min(n), scratch, |tile| {
                     tile.for_each(|j, r, v| unsafe { out.write(j * n + r, v + bias.map_or(0.0, |bb| bb[r])) });
                 });
             }
             barrier.wait();
 
             let (ck, cv) = caches[l];
-            for bi in share(b, 1, tid, nt) {
+            for bi in claims(b, 1).map(|r| r.start) {
                 let qb = unsafe { qs.slice_mut(bi * t * h * e, t * h * e) };
                 let kb = unsafe { ks.slice_mut(bi * t * kh * e, t * kh * e) };
                 let vb = unsafe { vs.slice(bi * t * kh * e, t * kh * e) };
@@ -231,26 +252,25 @@ fn forward_threads(
             barrier.wait();
 
             let proj = Proj::new(unsafe { atts.slice(0, m * h * e) }, m, h * e);
-            proj.rows(lw.o, share(d, small_gemm::R, tid, nt), scratch, |tile| {
-                tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
-            });
+            for rows in claims(d, unit(d)) {
+                proj.rows(lw.o, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
+            }
             barrier.wait();
 
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, hn);
             let proj = Proj::new(hn, m, d);
-            let mine = share(f, small_gemm::R, tid, nt);
-            proj.rows(lw.gate, mine.clone(), scratch, |tile| {
-                tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) });
-            });
-            proj.rows(lw.up, mine, scratch, |tile| {
-                tile.for_each(|j, r, u| unsafe { acts.write(j * f + r, kernels::silu(gs.read(j * f + r)) * u) });
-            });
+            for rows in claims(f, unit(f)) {
+                proj.rows(lw.gate, rows.clone(), scratch, |tile| tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) }));
+                proj.rows(lw.up, rows, scratch, |tile| {
+                    tile.for_each(|j, r, u| unsafe { acts.write(j * f + r, kernels::silu(gs.read(j * f + r)) * u) });
+                });
+            }
             barrier.wait();
 
             let proj = Proj::new(unsafe { acts.slice(0, m * f) }, m, f);
-            proj.rows(lw.down, share(d, small_gemm::R, tid, nt), scratch, |tile| {
-                tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) });
-            });
+            for rows in claims(d, unit(d)) {
+                proj.rows(lw.down, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
+            }
             barrier.wait();
         }
         if capture && tid == 0 {
@@ -265,23 +285,23 @@ fn forward_threads(
         let mut hs = vec![0f32; sel.len()];
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
         let proj = Proj::new(&hs, rows_out, d);
-        proj.rows(w.lm_head, share(voc, small_gemm::R, tid, nt), scratch, |tile| {
-            tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) });
-        });
+        for rows in claims(voc, unit(voc)) {
+            proj.rows(w.lm_head, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) }));
+        }
     };
 
     let barrier = SpinBarrier::new(nt.max(1));
     if nt <= 1 {
-        body(0, 1, &barrier);
+        body(0, &barrier);
     } else if nt == rayon::current_num_threads() && rayon::current_thread_index().is_none() {
-        rayon::broadcast(|ctx| body(ctx.index(), ctx.num_threads(), &barrier));
+        rayon::broadcast(|ctx| body(ctx.index(), &barrier));
     } else {
         std::thread::scope(|sc| {
             for tid in 1..nt {
                 let (body, barrier) = (&body, &barrier);
-                sc.spawn(move || body(tid, nt, barrier));
+                sc.spawn(move || body(tid, barrier));
             }
-            body(0, nt, &barrier);
+            body(0, &barrier);
         });
     }
     for c in kv.iter_mut() {
@@ -289,13 +309,6 @@ fn forward_threads(
     }
     let residuals = if capture { resid.chunks_exact(m * d).map(|c| c.to_vec()).collect() } else { vec![] };
     Ok(Output { logits, residuals })
-}
-
-/// The share of `0..total` that thread `tid` of `nt` owns, in whole units of `unit`
-/// (so tile boundaries, and hence summation order, do not depend on `nt`).
-fn share(total: usize, unit: usize, tid: usize, nt: usize) -> Range<usize> {
-    let per = total.div_ceil(unit).div_ceil(nt.max(1)) * unit;
-    (tid * per).min(total)..((tid + 1) * per).min(total)
 }
 
 /// A projection input: x [m, k], multiplied with the small-M kernel (in chunks of rows
