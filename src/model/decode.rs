@@ -195,7 +195,7 @@ fn forward_threads(
             })
         };
         let mut guard = per_thread[tid].lock().unwrap_or_else(|p| p.into_inner());
-        let ThreadScratch { hn, proj: scratch, scores: sc } = &mut *guard;
+        let ThreadScratch { hn, proj: scratch, scores: sc, gated } = &mut *guard;
         hn.resize(m * d, 0.0);
         sc.resize(past + t, 0.0);
         // SAFETY (every `unsafe` below): a buffer is read only in phases where no thread
@@ -262,7 +262,13 @@ fn forward_threads(
             for rows in claims(f, unit(f)) {
                 proj.rows(lw.gate, rows.clone(), scratch, |tile| tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) }));
                 proj.rows(lw.up, rows, scratch, |tile| {
-                    tile.for_each(|j, r, u| unsafe { acts.write(j * f + r, kernels::silu(gs.read(j * f + r)) * u) });
+                    // silu(gate)·up over the tile's contiguous layout, so it vectorizes.
+                    gated.resize(tile.vals.len(), 0.0);
+                    tile.for_each(|j, r, _| gated[(r - tile.n0) * tile.stride + j - tile.j0] = unsafe { gs.read(j * f + r) });
+                    for (g, u) in gated.iter_mut().zip(tile.vals) {
+                        *g = kernels::silu(*g) * u;
+                    }
+                    Tile { vals: gated, ..*tile }.for_each(|j, r, a| unsafe { acts.write(j * f + r, a) });
                 });
             }
             barrier.wait();
@@ -383,6 +389,8 @@ struct ThreadScratch {
     hn: Vec<f32>,
     proj: Scratch,
     scores: Vec<f32>,
+    /// silu(gate)·up of one tile.
+    gated: Vec<f32>,
 }
 
 /// One thread's reusable buffers for `Proj::rows`.
