@@ -123,11 +123,23 @@ pub(crate) fn forward(
     capture: bool,
     ws: &mut Workspace,
 ) -> Result<Output> {
-    // Small steps stay on the calling thread. A call from inside a rayon task does too:
-    // a pool thread busy elsewhere would leave the others spinning at the barrier.
+    // Small steps stay on the calling thread. So does a call from inside a rayon task (a
+    // pool thread busy elsewhere would leave the others spinning at the barrier), and a
+    // call made while another thread's region runs (rayon would queue the second region
+    // behind the first on every pool thread, whose early finishers then spin at its
+    // barrier; running it on the caller's own thread does useful work instead).
+    static REGION: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let work = b * t * w.hidden * (w.intermediate + 2 * w.hidden);
-    let nt = if work >= 1 << 18 && rayon::current_thread_index().is_none() { kernels::num_threads() } else { 1 };
-    forward_threads(w, tables, x, b, t, kv, max_pos, last_only, capture, ws, nt)
+    let want = if work >= 1 << 18 && rayon::current_thread_index().is_none() { kernels::num_threads() } else { 1 };
+    let region = match (want > 1).then(|| REGION.try_lock()) {
+        Some(Ok(guard)) => Some(guard),
+        Some(Err(std::sync::TryLockError::Poisoned(p))) => Some(p.into_inner()),
+        _ => None,
+    };
+    let nt = if region.is_some() { want } else { 1 };
+    let out = forward_threads(w, tables, x, b, t, kv, max_pos, last_only, capture, ws, nt);
+    drop(region);
+    out
 }
 
 /// `forward` on exactly `nt` threads: rayon's pool when it has that many, else scoped
@@ -565,6 +577,21 @@ mod tests {
         for nt in [2, 3] {
             assert_eq!(run(nt), one, "{nt} threads differ from 1");
         }
+        // Several callers at once (as parallel tests do) through the public entry point,
+        // which picks its own thread count: no deadlock, same logits.
+        let pre: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, 0..6)).collect();
+        std::thread::scope(|sc| {
+            for _ in 0..4 {
+                let (pre, w, tables, want) = (pre.clone(), &w, &tables, &one[0]);
+                sc.spawn(move || {
+                    for _ in 0..5 {
+                        let (mut kv, mut ws) = (vec![RawKv::default(); nl], Workspace::default());
+                        let o = forward(w, tables, pre.clone(), b, 6, &mut kv, 32, false, false, &mut ws).unwrap();
+                        assert_eq!(&o.logits, want);
+                    }
+                });
+            }
+        });
         // Token by token from an empty cache: logits of position 5 must match the prefill's.
         let mut kv = vec![RawKv::default(); nl];
         let mut ws = Workspace::default();
