@@ -107,35 +107,28 @@ pub fn run_one(spec: &BenchSpec, only: Option<&str>) -> Result<BenchResult> {
     let n = spec.steps.max(1) as f64;
     let train_tps = (b * t * spec.steps) as f64 / timed.max(1e-9);
 
-    // Sampling: random prompts of equal length, prefill + decode with the KV cache.
-    if only == Some("train") {
-        return Ok(BenchResult {
-            spec: spec.clone(),
-            threads: candle_core::utils::get_num_threads(),
-            train_tokens_per_s: train_tps,
-            forward_ms: 1e3 * fwd / n,
-            backward_ms: 1e3 * bwd / n,
-            sample_tokens_per_s: 0.0,
-            final_loss: loss_v,
-        });
-    }
-    let prompts: Vec<Vec<u32>> = (0..spec.sample_batch)
-        .map(|_| (0..spec.sample_prompt_len).map(|_| rng.random_range(1..cfg.vocab_size as u32)).collect())
-        .collect();
-    let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: spec.sample_new_tokens, batch_size: spec.sample_batch };
-    // The bench tokenizer's end id is 0; sampling could hit it and stop a row early, so
-    // count the tokens actually produced.
-    generate_batch(&model.model, &tok, &prompts, &scfg, 1, 0)?; // warm-up
-    let mut rates = Vec::new();
-    for _ in 0..spec.sample_reps.max(1) {
-        let t0 = Instant::now();
-        let out = generate_batch(&model.model, &tok, &prompts, &scfg, 2, 0)?;
-        let secs = t0.elapsed().as_secs_f64();
-        let produced: usize = out.iter().map(|s| s.tokens.len() + 1).sum::<usize>().min(spec.sample_batch * spec.sample_new_tokens);
-        rates.push(produced as f64 / secs.max(1e-9));
-    }
-    rates.sort_by(f64::total_cmp);
-    let sample_tps = rates[rates.len() / 2];
+    let sample_tps = if only == Some("train") {
+        0.0
+    } else {
+        // Sampling: random prompts of equal length, prefill + decode with the KV cache.
+        let prompts: Vec<Vec<u32>> = (0..spec.sample_batch)
+            .map(|_| (0..spec.sample_prompt_len).map(|_| rng.random_range(1..cfg.vocab_size as u32)).collect())
+            .collect();
+        let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: spec.sample_new_tokens, batch_size: spec.sample_batch };
+        // The bench tokenizer's end id is 0; sampling could hit it and stop a row early, so
+        // count the tokens actually produced.
+        generate_batch(&model.model, &tok, &prompts, &scfg, 1, 0)?; // warm-up
+        let mut rates = Vec::new();
+        for _ in 0..spec.sample_reps.max(1) {
+            let t0 = Instant::now();
+            let out = generate_batch(&model.model, &tok, &prompts, &scfg, 2, 0)?;
+            let secs = t0.elapsed().as_secs_f64();
+            let produced: usize = out.iter().map(|s| s.tokens.len() + 1).sum::<usize>().min(spec.sample_batch * spec.sample_new_tokens);
+            rates.push(produced as f64 / secs.max(1e-9));
+        }
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
+    };
     Ok(BenchResult {
         spec: spec.clone(),
         threads: candle_core::utils::get_num_threads(),

@@ -80,7 +80,7 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     let n = (xc * LOG2E + 0.5).floor();
     // ln 2 split in two so n·ln2 is exact in the first part.
     let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 5.000_000_1e-1;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
     let e = (p * r * r + r) + 1.0;
     let scaled = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
     if x < -87.0 {
@@ -355,7 +355,7 @@ fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + fast_exp(-x))
 }
 
-/// silu(g) = g / (1 + e^-g), in the operation order of candle's composite `silu`.
+/// silu(g) = g / (1 + e^-g).
 #[inline]
 pub(crate) fn silu(g: f32) -> f32 {
     g / (1.0 + fast_exp(-g))
@@ -366,7 +366,6 @@ pub(crate) fn swiglu_into(g: &[f32], u: &[f32], y: &mut [f32]) {
     let ch = if g.len() < SERIAL_BELOW { g.len().max(1) } else { 8192 };
     y.par_chunks_mut(ch).zip(g.par_chunks(ch)).zip(u.par_chunks(ch)).for_each(|((yc, gc), uc)| {
         for ((o, &a), &b) in yc.iter_mut().zip(gc).zip(uc) {
-            // Same rounding as candle's composite `silu(g) * u` (silu = g / (1 + e^-g)).
             *o = silu(a) * b;
         }
     });
