@@ -197,7 +197,7 @@ fn forward_threads(
     // fixed boundaries, so which thread computes an element never changes how it is
     // summed.
     let counters: Vec<AtomicUsize> = (0..n_layers * 5 + 1).map(|_| AtomicUsize::new(0)).collect();
-    let unit = |total: usize| if m <= 128 { small_gemm::R } else { total.div_ceil(nt.max(1)).div_ceil(small_gemm::R) * small_gemm::R };
+    let unit = |total: usize| if m <= 128 { 4 * small_gemm::R } else { total.div_ceil(nt.max(1)).div_ceil(small_gemm::R) * small_gemm::R };
 
     let body = |tid: usize, barrier: &SpinBarrier| {
         let mut phase = 0;
@@ -419,11 +419,27 @@ struct Scratch {
 /// into `out` [E]. `sc` is scratch for the scores.
 fn attend_row(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, sc: &mut [f32], out: &mut [f32]) {
     let (e, valid) = (q.len(), sc.len());
-    dots(q, keys, scale, sc);
+    dots(q, keys, vals, scale, sc);
     kernels::causal_softmax_row(sc, valid);
-    out.fill(0.0);
+    // Σ_p sc[p]·V[p] in 64-lane register blocks: accumulating straight into `out` made
+    // the compiler load and store it once per cached position (perf: the largest cost
+    // of attention). Each lane is summed in position order either way.
+    const C: usize = 64;
+    let mut c0 = 0;
+    while c0 + C <= e {
+        let mut acc = [0f32; C];
+        for (p, vr) in sc.iter().zip(vals.chunks_exact(e)) {
+            let vr: &[f32; C] = vr[c0..c0 + C].try_into().expect("chunk of C");
+            for l in 0..C {
+                acc[l] = p.mul_add(vr[l], acc[l]);
+            }
+        }
+        out[c0..c0 + C].copy_from_slice(&acc);
+        c0 += C;
+    }
+    out[c0..].fill(0.0);
     for (p, vr) in sc.iter().zip(vals.chunks_exact(e)) {
-        for (o, v) in out.iter_mut().zip(vr) {
+        for (o, v) in out[c0..].iter_mut().zip(&vr[c0..]) {
             *o = p.mul_add(*v, *o);
         }
     }
@@ -433,11 +449,17 @@ fn attend_row(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, sc: &mut [f32],
 /// sixteen-lane partial sums the compiler vectorizes (the fixed lane layout fixes the
 /// summation order, so results are deterministic).
 #[inline]
-fn dots(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+fn dots(q: &[f32], keys: &[f32], vals: &[f32], scale: f32, out: &mut [f32]) {
     const W: usize = 16;
+    // Cached keys and values come from L3 or memory (the cache of one layer is MBs):
+    // fetch keys a few positions ahead, and each value row as its key is used, so the
+    // weighted sum that follows finds V in L1.
+    const AHEAD: usize = 8;
     let e = q.len();
     let main = e / W * W;
-    for (o, kr) in out.iter_mut().zip(keys.chunks_exact(e)) {
+    for (j, (o, kr)) in out.iter_mut().zip(keys.chunks_exact(e)).enumerate() {
+        prefetch_row(keys, (j + AHEAD) * e, e);
+        prefetch_row(vals, j * e, e);
         let mut acc = [0f32; W];
         for (qc, kc) in q[..main].chunks_exact(W).zip(kr[..main].chunks_exact(W)) {
             for l in 0..W {
@@ -447,6 +469,18 @@ fn dots(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
         let tail: f32 = (main..e).map(|c| q[c] * kr[c]).sum();
         *o = scale * (acc.iter().sum::<f32>() + tail);
     }
+}
+
+/// Ask for the cache lines of buf[at..at + n] (those that exist) ahead of use.
+#[inline(always)]
+fn prefetch_row(buf: &[f32], at: usize, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for i in (at..(at + n).min(buf.len())).step_by(16) {
+        // SAFETY: i < buf.len(); a prefetch only hints the cache and never faults.
+        unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(buf.as_ptr().add(i) as *const i8) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (buf, at, n);
 }
 
 /// A buffer that the threads of one region share; see the SAFETY note in `forward`.
