@@ -235,7 +235,7 @@ fn forward_threads(
         // writes it, and written only at the indices of the units this thread claimed in
         // that phase (within its group's rows); `barrier.wait()` orders the phases.
         for (l, lw) in w.layers.iter().enumerate() {
-            if capture && tid % per == 0 {
+            if capture && tid.is_multiple_of(per) {
                 unsafe { rs.slice_mut(l * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
@@ -313,7 +313,7 @@ fn forward_threads(
             }
             barrier.wait();
         }
-        if capture && tid % per == 0 {
+        if capture && tid.is_multiple_of(per) {
             unsafe { rs.slice_mut(n_layers * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
         }
         let xall = unsafe { xs.slice(0, m * d) };
