@@ -10,6 +10,11 @@
 //! per layer, each a few hundred nanoseconds. Each output element is computed by one
 //! thread in a fixed order, so results do not depend on the thread count.
 //!
+//! A batch of at least 16 sequences per thread skips all of that: it is split into one
+//! group of sequences per thread, and each thread runs its group through the whole stack
+//! alone (no barrier, no shared cache lines; measured faster at both bench sizes). The
+//! region layout below is the same code with one group shared by all threads.
+//!
 //! Per layer (x: [M, D] residual stream, M = B·T rows; "all" = every thread redundantly,
 //! "share" = the units a thread claims):
 //!   all: hn = rmsnorm(x);            share of q/k/v features: q,k,v = hn·Wᵀ (+ bias)   | barrier
