@@ -114,21 +114,23 @@ pub(crate) struct Output {
     pub residuals: Vec<Vec<f32>>,
 }
 
+/// The model a call runs and the outputs it asks for.
+#[derive(Clone, Copy)]
+pub(crate) struct Step<'a> {
+    pub weights: &'a Weights<'a>,
+    pub tables: &'a RopeTables,
+    /// The context length: the cache never grows past it.
+    pub max_pos: usize,
+    /// Logits of each sequence's last token only (sampling), else of every token.
+    pub last_only: bool,
+    /// Also return the residual stream entering each layer.
+    pub capture: bool,
+}
+
 /// Run B sequences of T new tokens (embeddings `x`, [B·T, D]) through the model,
 /// appending their keys and values to `kv` (one entry per layer).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward(
-    w: &Weights,
-    tables: &RopeTables,
-    x: Vec<f32>,
-    b: usize,
-    t: usize,
-    kv: &mut [RawKv],
-    max_pos: usize,
-    last_only: bool,
-    capture: bool,
-    ws: &mut Workspace,
-) -> Result<Output> {
+pub(crate) fn forward(step: &Step, x: Vec<f32>, b: usize, t: usize, kv: &mut [RawKv], ws: &mut Workspace) -> Result<Output> {
+    let w = step.weights;
     // Small steps stay on the calling thread. So does a call from inside a rayon task (a
     // pool thread busy elsewhere would leave the others spinning at the barrier), and a
     // call made while another thread's region runs (rayon would queue the second region
@@ -143,27 +145,15 @@ pub(crate) fn forward(
         _ => None,
     };
     let nt = if region.is_some() { want } else { 1 };
-    let out = forward_threads(w, tables, x, b, t, kv, max_pos, last_only, capture, ws, nt);
+    let out = forward_threads(step, x, b, t, kv, ws, nt);
     drop(region);
     out
 }
 
 /// `forward` on exactly `nt` threads: rayon's pool when it has that many, else scoped
 /// threads (tests use this to check that results do not depend on `nt`).
-#[allow(clippy::too_many_arguments)]
-fn forward_threads(
-    w: &Weights,
-    tables: &RopeTables,
-    mut x: Vec<f32>,
-    b: usize,
-    t: usize,
-    kv: &mut [RawKv],
-    max_pos: usize,
-    last_only: bool,
-    capture: bool,
-    ws: &mut Workspace,
-    nt: usize,
-) -> Result<Output> {
+fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [RawKv], ws: &mut Workspace, nt: usize) -> Result<Output> {
+    let Step { weights: w, tables, max_pos, last_only, capture } = *step;
     let (d, f, h, kh, e, voc) = (w.hidden, w.intermediate, w.heads, w.kv_heads, w.head_dim, w.vocab);
     let m = b * t;
     let n_layers = w.layers.len();
@@ -644,18 +634,20 @@ mod tests {
             hidden: d, intermediate: f, heads: h, kv_heads: kh, head_dim: e, vocab: voc,
         };
         let tables = RopeTables::new(e, 32, 10000.0);
+        let prefill = Step { weights: &w, tables: &tables, max_pos: 32, last_only: false, capture: false };
+        let decode = Step { last_only: true, ..prefill };
         let tokens = |bi: usize, r: std::ops::Range<usize>| -> Vec<f32> { xs[(bi * 9 + r.start) * d..(bi * 9 + r.end) * d].to_vec() };
         let run = |nt: usize| -> Vec<Vec<f32>> {
             let mut kv = vec![RawKv::default(); nl];
             let mut ws = Workspace::default();
             let pre: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, 0..6)).collect();
             let mut outs = vec![];
-            let o = forward_threads(&w, &tables, pre, b, 6, &mut kv, 32, false, true, &mut ws, nt).unwrap();
+            let o = forward_threads(&Step { capture: true, ..prefill }, pre, b, 6, &mut kv, &mut ws, nt).unwrap();
             outs.push(o.logits);
             outs.extend(o.residuals);
             for p in 6..9 {
                 let step: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, p..p + 1)).collect();
-                outs.push(forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, &mut ws, nt).unwrap().logits);
+                outs.push(forward_threads(&decode, step, b, 1, &mut kv, &mut ws, nt).unwrap().logits);
             }
             outs
         };
@@ -669,11 +661,11 @@ mod tests {
         let pre: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, 0..6)).collect();
         std::thread::scope(|sc| {
             for _ in 0..4 {
-                let (pre, w, tables, want) = (pre.clone(), &w, &tables, &one[0]);
+                let (pre, prefill, want) = (pre.clone(), &prefill, &one[0]);
                 sc.spawn(move || {
                     for _ in 0..5 {
                         let (mut kv, mut ws) = (vec![RawKv::default(); nl], Workspace::default());
-                        let o = forward(w, tables, pre.clone(), b, 6, &mut kv, 32, false, false, &mut ws).unwrap();
+                        let o = forward(prefill, pre.clone(), b, 6, &mut kv, &mut ws).unwrap();
                         assert_eq!(&o.logits, want);
                     }
                 });
@@ -685,7 +677,7 @@ mod tests {
         let mut last = vec![];
         for p in 0..6 {
             let step: Vec<f32> = (0..b).flat_map(|bi| tokens(bi, p..p + 1)).collect();
-            last = forward_threads(&w, &tables, step, b, 1, &mut kv, 32, true, false, &mut ws, 2).unwrap().logits;
+            last = forward_threads(&decode, step, b, 1, &mut kv, &mut ws, 2).unwrap().logits;
         }
         for bi in 0..b {
             let from_prefill = &one[0][(bi * 6 + 5) * voc..(bi * 6 + 6) * voc];

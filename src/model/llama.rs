@@ -534,7 +534,14 @@ impl Llama {
             head_dim: c.head_dim(),
             vocab: c.vocab_size,
         };
-        let out = decode::forward(&w, &self.tables, xs, b, t, &mut cache.raw, c.max_position_embeddings, last_only, capture == Capture::Residuals, &mut cache.work)?;
+        let out = decode::forward(
+            &decode::Step { weights: &w, tables: &self.tables, max_pos: c.max_position_embeddings, last_only, capture: capture == Capture::Residuals },
+            xs,
+            b,
+            t,
+            &mut cache.raw,
+            &mut cache.work,
+        )?;
         let tt = if last_only { 1 } else { t };
         let residuals = out.residuals.into_iter().map(|r| Tensor::from_vec(r, (b, t, d), &self.device)).collect::<Result<Vec<_>>>()?;
         Ok(ForwardOut { logits: Tensor::from_vec(out.logits, (b, tt, c.vocab_size), &self.device)?, residuals })
