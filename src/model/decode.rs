@@ -10,10 +10,11 @@
 //! per layer, each a few hundred nanoseconds. Each output element is computed by one
 //! thread in a fixed order, so results do not depend on the thread count.
 //!
-//! A batch of at least 16 sequences per thread skips all of that: it is split into one
+//! A batch of at least 16 sequences per thread skips most of that: it is split into one
 //! group of sequences per thread, and each thread runs its group through the whole stack
-//! alone (no barrier, no shared cache lines; measured faster at both bench sizes). The
-//! region layout below is the same code with one group shared by all threads.
+//! alone, meeting the others once per layer so they share the layer's weights in L3
+//! (measured faster at both bench sizes). The region layout below is the same code with
+//! one group shared by all threads.
 //!
 //! Per layer (x: [M, D] residual stream, M = B·T rows; "all" = every thread redundantly,
 //! "share" = the units a thread claims):
@@ -199,6 +200,11 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
     let phases = n_layers * 5 + 1;
     let counters: Vec<AtomicUsize> = (0..groups * phases).map(|_| AtomicUsize::new(0)).collect();
     let barriers: Vec<SpinBarrier> = (0..groups).map(|_| SpinBarrier::new(per)).collect();
+    // Groups still meet once per layer: then they read the same layer's weights at the
+    // same time and the second read finds them in L3. Free-running groups drifted apart
+    // and each streamed the weights from memory (A/B, 4 rounds at d512: 1,767-2,044 vs
+    // 1,459-1,945 tok/s; d256 unchanged within noise).
+    let lockstep = SpinBarrier::new(if groups > 1 { nt } else { 1 });
 
     let body = |tid: usize| {
         let g = tid / per;
@@ -307,6 +313,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                 proj.rows(lw.down, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
             }
             barrier.wait();
+            lockstep.wait();
         }
         if capture && tid.is_multiple_of(per) {
             unsafe { rs.slice_mut(n_layers * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
