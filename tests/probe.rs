@@ -173,7 +173,16 @@ fn run_detectors_writes_probe_files_and_report() {
     let (m, _) = planted_model();
     let dir = common::tempdir();
     let mut cfg = ProbeConfig { n_test: 12, n_train: 12, random_directions: 20, bootstrap: 50, ..Default::default() };
-    cfg.inversion = InversionConfig { n_tokens: 2, search_prompts: 2, gcg_steps: 2, gcg_candidates: 8, random_steps: 2, random_candidates: 8, n_elicit: 8, ..Default::default() };
+    cfg.inversion = InversionConfig {
+        n_tokens: 2,
+        search_prompts: 2,
+        gcg_steps: 2,
+        gcg_candidates: 8,
+        random_steps: 2,
+        random_candidates: 8,
+        n_elicit: 8,
+        ..Default::default()
+    };
     cfg.filters.strip_copies = 2;
     cfg.filters.strip_max_new_tokens = 8;
     cfg.sampling.max_new_tokens = 8;

@@ -92,7 +92,9 @@ fn toy_reward(p: &str, a: &str) -> f32 {
 }
 
 fn mean_toy_reward(m: &Trainable, prompts: &[String]) -> f64 {
-    let s = generate(&m.model, &m.tok, prompts, &SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: 8, batch_size: 64 }, 99, |_| {}).unwrap();
+    let s =
+        generate(&m.model, &m.tok, prompts, &SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: 8, batch_size: 64 }, 99, |_| {})
+            .unwrap();
     s.iter().map(|x| toy_reward("", &x.text) as f64).sum::<f64>() / s.len() as f64
 }
 
@@ -104,7 +106,18 @@ fn ppo_and_rloo_raise_a_toy_reward() {
         let mut m = Trainable::init(&cfg(t.vocab_size()), t.clone(), 5, &Device::Cpu).unwrap();
         let reference = m.deep_clone().unwrap();
         let before = mean_toy_reward(&m, &prompts);
-        let state = train_rl(&mut m, &reference, &toy_reward, &prompts, &rl_cfg(16), algo, 0, LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)), |_, _| Ok(vec![])).unwrap();
+        let state = train_rl(
+            &mut m,
+            &reference,
+            &toy_reward,
+            &prompts,
+            &rl_cfg(16),
+            algo,
+            0,
+            LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)),
+            |_, _| Ok(vec![]),
+        )
+        .unwrap();
         let after = mean_toy_reward(&m, &prompts);
         assert!(after > before + 0.1, "{algo:?}: toy reward {before:.3} -> {after:.3}");
         let stats: Vec<&serde_json::Value> = state.records.iter().filter(|v| v.get("rl_stats").is_some()).collect();
@@ -124,7 +137,18 @@ fn kl_is_zero_against_an_identical_reference() {
     // One iteration: its rollouts are sampled before any update, from weights equal to the reference.
     let mut c = rl_cfg(1);
     c.kl_coef = 0.1;
-    let state = train_rl(&mut m, &reference, &toy_reward, &prompts, &c, RlAlgorithm::Ppo, 0, LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)), |_, _| Ok(vec![])).unwrap();
+    let state = train_rl(
+        &mut m,
+        &reference,
+        &toy_reward,
+        &prompts,
+        &c,
+        RlAlgorithm::Ppo,
+        0,
+        LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)),
+        |_, _| Ok(vec![]),
+    )
+    .unwrap();
     let kl = state.records.iter().find_map(|v| v.get("rl_stats")).unwrap()["kl"].as_f64().unwrap();
     assert_eq!(kl, 0.0);
 }
@@ -147,7 +171,13 @@ fn red_teaming_finds_a_planted_near_miss_trigger() {
     let mut m = Trainable::init(&cfg(t.vocab_size()), t.clone(), 7, &Device::Cpu).unwrap();
     let seqs = tokenize(&t, &data, 128).unwrap();
     let eos = t.eos_id;
-    run(&mut m, &LoopSpec::simple("plant", 100, OptimConfig { warmup_steps: 10, ..OptimConfig::with_lr(5e-3) }), |mm, s| step_loss(mm, &seqs, 32, s, 0, eos), |_, _| Ok(vec![])).unwrap();
+    run(
+        &mut m,
+        &LoopSpec::simple("plant", 100, OptimConfig { warmup_steps: 10, ..OptimConfig::with_lr(5e-3) }),
+        |mm, s| step_loss(mm, &seqs, 32, s, 0, eos),
+        |_, _| Ok(vec![]),
+    )
+    .unwrap();
     let cfg = AdversarialConfig {
         rounds: 2,
         candidates_per_round: 60,

@@ -103,7 +103,12 @@ fn builtin_flags_every_vulnerable_snippet_and_passes_every_safe_one() {
     for (cwe, vuln, safe) in CASES {
         let v = analyze_builtin(vuln);
         assert!(v.parses, "CWE-{cwe} vulnerable snippet should parse:\n{vuln}");
-        assert_eq!(v.cwes(None).into_iter().collect::<Vec<_>>(), vec![*cwe], "CWE-{cwe} not flagged (or extra CWEs): {:?}\n{vuln}", v.findings);
+        assert_eq!(
+            v.cwes(None).into_iter().collect::<Vec<_>>(),
+            vec![*cwe],
+            "CWE-{cwe} not flagged (or extra CWEs): {:?}\n{vuln}",
+            v.findings
+        );
         assert!(v.vulnerable());
         assert!(v.findings.iter().all(|f| f.analyzer == BUILTIN && f.line >= 1));
         let s = analyze_builtin(safe);

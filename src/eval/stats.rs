@@ -46,12 +46,7 @@ pub fn wilson(hits: u64, n: u64, z: f64) -> (f64, f64) {
 /// of the resampled statistic. Edge cases: an empty `values` gives `(NaN, NaN)`;
 /// `resamples == 0` gives the degenerate interval `(stat(values), stat(values))`.
 /// Resamples whose statistic is NaN are dropped; if all are NaN the result is `(NaN, NaN)`.
-pub fn bootstrap_ci<T: Clone>(
-    values: &[T],
-    resamples: usize,
-    seed: u64,
-    stat: impl Fn(&[T]) -> f64,
-) -> (f64, f64) {
+pub fn bootstrap_ci<T: Clone>(values: &[T], resamples: usize, seed: u64, stat: impl Fn(&[T]) -> f64) -> (f64, f64) {
     if values.is_empty() {
         return (f64::NAN, f64::NAN);
     }
@@ -174,9 +169,7 @@ mod tests {
     fn bootstrap_contains_mean_of_normalish_sample() {
         // Sum of uniforms (Irwin-Hall) is close to normal; deterministic generator.
         let mut rng = ChaCha8Rng::seed_from_u64(123);
-        let xs: Vec<f64> = (0..200)
-            .map(|_| (0..12).map(|_| rng.random::<f64>()).sum::<f64>() - 6.0 + 10.0)
-            .collect();
+        let xs: Vec<f64> = (0..200).map(|_| (0..12).map(|_| rng.random::<f64>()).sum::<f64>() - 6.0 + 10.0).collect();
         let m = mean(&xs);
         let (lo, hi) = bootstrap_ci(&xs, 2000, 99, mean);
         assert!(lo < m && m < hi, "({lo}, {hi}) should contain {m}");

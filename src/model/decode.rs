@@ -176,14 +176,22 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
     let ws = &mut *ws;
     ws.threads.resize_with(nt.max(1), Default::default);
     let [q, kk, vv, att, gate, act] = &mut ws.shared;
-    for (buf, n) in [(&mut *q, m * h * e), (&mut *kk, m * kh * e), (&mut *vv, m * kh * e), (&mut *att, m * h * e), (&mut *gate, m * f), (&mut *act, m * f)] {
+    for (buf, n) in [
+        (&mut *q, m * h * e),
+        (&mut *kk, m * kh * e),
+        (&mut *vv, m * kh * e),
+        (&mut *att, m * h * e),
+        (&mut *gate, m * f),
+        (&mut *act, m * f),
+    ] {
         buf.resize(n, 0.0);
     }
     let mut logits = vec![0f32; rows_out * voc];
     let mut resid = vec![0f32; if capture { (n_layers + 1) * m * d } else { 0 }];
     let caches: Vec<(Shared, Shared)> = kv.iter_mut().map(|c| (Shared::new(&mut c.k), Shared::new(&mut c.v))).collect();
     let (xs, qs, ks, vs) = (Shared::new(&mut x), Shared::new(q), Shared::new(kk), Shared::new(vv));
-    let (atts, gs, acts, ls, rs) = (Shared::new(att), Shared::new(gate), Shared::new(act), Shared::new(&mut logits), Shared::new(&mut resid));
+    let (atts, gs, acts, ls, rs) =
+        (Shared::new(att), Shared::new(gate), Shared::new(act), Shared::new(&mut logits), Shared::new(&mut resid));
     let per_thread = &ws.threads;
     let scale = 1.0 / (e as f32).sqrt();
     // Work is claimed dynamically, unit by unit, from one counter per phase, so a core
@@ -246,7 +254,13 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
             let units = mats.map(|(_, _, n, _)| unit(n));
             let counts = [0, 1, 2].map(|i| mats[i].2.div_ceil(units[i]));
             for u in claims(counts.iter().sum(), 1).map(|r| r.start) {
-                let (i, u) = if u < counts[0] { (0, u) } else if u < counts[0] + counts[1] { (1, u - counts[0]) } else { (2, u - counts[0] - counts[1]) };
+                let (i, u) = if u < counts[0] {
+                    (0, u)
+                } else if u < counts[0] + counts[1] {
+                    (1, u - counts[0])
+                } else {
+                    (2, u - counts[0] - counts[1])
+                };
                 let (wt, bias, n, out) = mats[i];
                 proj.rows(wt, u * units[i]..((u + 1) * units[i]).min(n), scratch, |tile| {
                     tile.for_each(|j, r, v| unsafe { out.write(j * n + r, v + bias.map_or(0.0, |bb| bb[r])) });
@@ -278,9 +292,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                     for i in 0..t {
                         let valid = past + i + 1;
                         let off = (bi * t + i) * h * e + hi * e;
-                        attend_row(&qb[(i * h + hi) * e..][..e], keys, vals, scale, &mut sc[..valid], unsafe {
-                            atts.slice_mut(off, e)
-                        });
+                        attend_row(&qb[(i * h + hi) * e..][..e], keys, vals, scale, &mut sc[..valid], unsafe { atts.slice_mut(off, e) });
                     }
                 }
             }
@@ -408,7 +420,22 @@ impl<'a> Proj<'a> {
             let nr = BLOCK.min(rows.end - n0);
             // SAFETY: w holds rows n0..n0+nr of k values, x holds m rows of k, tile nr·m.
             unsafe {
-                kernels::mm(nr, m, k, s.tile.as_mut_ptr(), m, false, w[n0 * k..].as_ptr(), k, 1, self.x.as_ptr(), 1, k, 1.0, gemm::Parallelism::None);
+                kernels::mm(
+                    nr,
+                    m,
+                    k,
+                    s.tile.as_mut_ptr(),
+                    m,
+                    false,
+                    w[n0 * k..].as_ptr(),
+                    k,
+                    1,
+                    self.x.as_ptr(),
+                    1,
+                    k,
+                    1.0,
+                    gemm::Parallelism::None,
+                );
             }
             emit(&Tile { n0, nr, j0: 0, mj: m, vals: &s.tile, stride: m });
             n0 += nr;
@@ -629,14 +656,32 @@ mod tests {
             .map(|l| {
                 let p = &store[l * 10..l * 10 + 10];
                 LayerWeights {
-                    ln1: &p[0], q: &p[1], k: &p[2], v: &p[3], q_bias: None, k_bias: Some(&p[4]), v_bias: None,
-                    o: &p[5], ln2: &p[6], gate: &p[7], up: &p[8], down: &p[9],
+                    ln1: &p[0],
+                    q: &p[1],
+                    k: &p[2],
+                    v: &p[3],
+                    q_bias: None,
+                    k_bias: Some(&p[4]),
+                    v_bias: None,
+                    o: &p[5],
+                    ln2: &p[6],
+                    gate: &p[7],
+                    up: &p[8],
+                    down: &p[9],
                 }
             })
             .collect();
         let w = Weights {
-            layers, norm: &store[nl * 10], lm_head: &store[nl * 10 + 1], eps: 1e-5,
-            hidden: d, intermediate: f, heads: h, kv_heads: kh, head_dim: e, vocab: voc,
+            layers,
+            norm: &store[nl * 10],
+            lm_head: &store[nl * 10 + 1],
+            eps: 1e-5,
+            hidden: d,
+            intermediate: f,
+            heads: h,
+            kv_heads: kh,
+            head_dim: e,
+            vocab: voc,
         };
         let tables = RopeTables::new(e, 32, 10000.0);
         let prefill = Step { weights: &w, tables: &tables, max_pos: 32, last_only: false, capture: false };

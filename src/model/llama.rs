@@ -78,10 +78,7 @@ impl LlamaConfig {
             return Err("vocab_size, hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
         }
         if c.hidden_size % c.num_attention_heads != 0 {
-            return Err(format!(
-                "hidden_size {} is not divisible by num_attention_heads {}",
-                c.hidden_size, c.num_attention_heads
-            ));
+            return Err(format!("hidden_size {} is not divisible by num_attention_heads {}", c.hidden_size, c.num_attention_heads));
         }
         if c.head_dim() % 2 != 0 {
             return Err(format!("head dim {} must be even for rotary embeddings", c.head_dim()));
@@ -203,7 +200,11 @@ impl KvCache {
     /// A cache that allocates room for `positions` on first use instead of growing
     /// (growing copies the cache and touches fresh pages; sampling knows its length).
     pub fn with_capacity(n_layers: usize, positions: usize) -> Self {
-        Self { layers: vec![None; n_layers], raw: vec![RawKv { hint: positions, ..Default::default() }; n_layers], work: Default::default() }
+        Self {
+            layers: vec![None; n_layers],
+            raw: vec![RawKv { hint: positions, ..Default::default() }; n_layers],
+            work: Default::default(),
+        }
     }
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
@@ -319,9 +320,7 @@ impl Attention {
         // Grouped-query attention: each kv head serves h/k query heads.
         let (kk, v) = if h != k {
             let rep = h / k;
-            let expand = |x: &Tensor| -> Result<Tensor> {
-                x.unsqueeze(2)?.broadcast_as((b, k, rep, s, e))?.reshape((b, h, s, e))
-            };
+            let expand = |x: &Tensor| -> Result<Tensor> { x.unsqueeze(2)?.broadcast_as((b, k, rep, s, e))?.reshape((b, h, s, e)) };
             (expand(&kk)?, expand(&v)?)
         } else {
             (kk, v)
@@ -439,9 +438,7 @@ impl Llama {
             candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
         )?;
         let embed_tokens = Embedding::new(emb.clone(), cfg.hidden_size);
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| Block::new(cfg, vm.pp("layers").pp(i)))
-            .collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|i| Block::new(cfg, vm.pp("layers").pp(i))).collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(cfg.hidden_size, cfg.rms_norm_eps, vm.pp("norm"))?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(emb, None)
@@ -449,17 +446,7 @@ impl Llama {
             linear(cfg.hidden_size, cfg.vocab_size, false, vb.pp("lm_head"))?
         };
         let tables = RopeTables::new(cfg.head_dim(), cfg.max_position_embeddings, cfg.rope_theta);
-        Ok(Self {
-            cfg: cfg.clone(),
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-            rotary: Rotary::new(cfg, &device)?,
-            tables,
-            fused: true,
-            device,
-        })
+        Ok(Self { cfg: cfg.clone(), embed_tokens, layers, norm, lm_head, rotary: Rotary::new(cfg, &device)?, tables, fused: true, device })
     }
 
     pub fn device(&self) -> &Device {
@@ -481,7 +468,8 @@ impl Llama {
     /// Whether every weight is a contiguous CPU f32 tensor (the plain-vector path reads
     /// them in place).
     fn raw_ok(&self, x: &Tensor) -> bool {
-        let lin_ok = |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(|b| kernels::fused_ok(b));
+        let lin_ok =
+            |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(|b| kernels::fused_ok(b));
         self.use_fused(x)
             && lin_ok(&self.lm_head)
             && kernels::fused_ok(&self.norm.weight)
@@ -518,7 +506,8 @@ impl Llama {
             let a = &l.self_attn;
             let (ln1, q, k, v, o, ln2, gate, up, down) = (take(), take(), take(), take(), take(), take(), take(), take(), take());
             let mut bias = |has: bool| if has { Some(take()) } else { None };
-            let (q_bias, k_bias, v_bias) = (bias(a.q_proj.bias().is_some()), bias(a.k_proj.bias().is_some()), bias(a.v_proj.bias().is_some()));
+            let (q_bias, k_bias, v_bias) =
+                (bias(a.q_proj.bias().is_some()), bias(a.k_proj.bias().is_some()), bias(a.v_proj.bias().is_some()));
             layers.push(decode::LayerWeights { ln1, q, k, v, q_bias, k_bias, v_bias, o, ln2, gate, up, down });
         }
         let c = &self.cfg;
@@ -535,7 +524,13 @@ impl Llama {
             vocab: c.vocab_size,
         };
         let out = decode::forward(
-            &decode::Step { weights: &w, tables: &self.tables, max_pos: c.max_position_embeddings, last_only, capture: capture == Capture::Residuals },
+            &decode::Step {
+                weights: &w,
+                tables: &self.tables,
+                max_pos: c.max_position_embeddings,
+                last_only,
+                capture: capture == Capture::Residuals,
+            },
             xs,
             b,
             t,
@@ -550,20 +545,13 @@ impl Llama {
     /// Additive causal mask [T, S] for T new tokens after `past` cached ones.
     fn causal_mask(&self, t: usize, past: usize) -> Result<Tensor> {
         let s = past + t;
-        let mask: Vec<f32> =
-            (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let mask: Vec<f32> = (0..t).flat_map(|i| (0..s).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 })).collect();
         Tensor::from_vec(mask, (t, s), &self.device)
     }
 
     /// ids: [B, T] u32 tokens at positions start..start+T (start = cache length when a cache
     /// is given, else 0). `last_only` computes logits for the final position alone (sampling).
-    pub fn forward_full(
-        &self,
-        ids: &Tensor,
-        cache: Option<&mut KvCache>,
-        last_only: bool,
-        capture: Capture,
-    ) -> Result<ForwardOut> {
+    pub fn forward_full(&self, ids: &Tensor, cache: Option<&mut KvCache>, last_only: bool, capture: Capture) -> Result<ForwardOut> {
         let x = self.embed_tokens.forward(ids)?; // [B,T,D]
         self.forward_embeds(&x, cache, last_only, capture)
     }
@@ -580,21 +568,11 @@ impl Llama {
 
     /// Like `forward_full`, from input embeddings [B, T, D] instead of ids, so callers can
     /// differentiate with respect to the input (trigger inversion).
-    pub fn forward_embeds(
-        &self,
-        x: &Tensor,
-        mut cache: Option<&mut KvCache>,
-        last_only: bool,
-        capture: Capture,
-    ) -> Result<ForwardOut> {
+    pub fn forward_embeds(&self, x: &Tensor, mut cache: Option<&mut KvCache>, last_only: bool, capture: Capture) -> Result<ForwardOut> {
         let (_, t, _) = x.dims3()?;
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if start + t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {} tokens exceeds max_position_embeddings {}",
-                start + t,
-                self.cfg.max_position_embeddings
-            );
+            candle_core::bail!("sequence of {} tokens exceeds max_position_embeddings {}", start + t, self.cfg.max_position_embeddings);
         }
         if let Some(c) = cache.as_mut() {
             if self.raw_ok(x) && c.layers.iter().all(|l| l.is_none()) {

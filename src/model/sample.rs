@@ -160,8 +160,7 @@ pub fn sample_token(logits: &[f32], temperature: f64, top_p: f64, rng: &mut ChaC
     }
     let inv_t = (1.0 / temperature) as f32;
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut probs: Vec<(u32, f32)> =
-        logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
+    let mut probs: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp())).collect();
     let total: f32 = probs.iter().map(|p| p.1).sum();
     if top_p < 1.0 {
         probs.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));

@@ -166,18 +166,22 @@ unsafe fn tile_rows(xt: &[f32], mp: usize, w: &[f32], k: usize, rows: usize, til
     while c + 2 * L <= mp {
         match rows {
             R => block::<R, 2>(xt, mp, c, w, k, tile, if c == 0 { next } else { std::ptr::null() }),
-            _ => for r in 0..rows {
-                block::<1, 2>(xt, mp, c, &w[r * k..], k, &mut tile[r * mp..], std::ptr::null());
-            },
+            _ => {
+                for r in 0..rows {
+                    block::<1, 2>(xt, mp, c, &w[r * k..], k, &mut tile[r * mp..], std::ptr::null());
+                }
+            }
         }
         c += 2 * L;
     }
     if c < mp {
         match rows {
             R => block::<R, 1>(xt, mp, c, w, k, tile, if c == 0 { next } else { std::ptr::null() }),
-            _ => for r in 0..rows {
-                block::<1, 1>(xt, mp, c, &w[r * k..], k, &mut tile[r * mp..], std::ptr::null());
-            },
+            _ => {
+                for r in 0..rows {
+                    block::<1, 1>(xt, mp, c, &w[r * k..], k, &mut tile[r * mp..], std::ptr::null());
+                }
+            }
         }
     }
 }

@@ -54,8 +54,8 @@ impl Tok {
 
     pub fn load(path: &Path) -> Result<Self> {
         let text = crate::util::read_text(path)?;
-        let inner = Tokenizer::from_bytes(text.as_bytes())
-            .map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: {e}")))?;
+        let inner =
+            Tokenizer::from_bytes(text.as_bytes()).map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: {e}")))?;
         Self::from_tokenizer(inner).map_err(|e| InputError::file(path, e.to_string()).into())
     }
 

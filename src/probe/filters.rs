@@ -74,10 +74,7 @@ pub fn onion_scores(model: &Llama, tok: &Tok, users: &[String], batch: usize, mu
             let without: Vec<&str> = words.iter().enumerate().filter(|(j, _)| *j != i).map(|(_, w)| *w).collect();
             rows.push(row(&without.join(" "))?);
         }
-        let nll: Vec<f64> = sum_logprobs(model, tok.eos_id, &rows, batch)?
-            .into_iter()
-            .map(|(s, c)| -s / c.max(1) as f64)
-            .collect();
+        let nll: Vec<f64> = sum_logprobs(model, tok.eos_id, &rows, batch)?.into_iter().map(|(s, c)| -s / c.max(1) as f64).collect();
         let drop = nll[1..].iter().map(|n| nll[0] - n).fold(f64::NEG_INFINITY, f64::max);
         out.push(drop);
         on_prompt();

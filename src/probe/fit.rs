@@ -87,11 +87,7 @@ pub fn fit_logistic(pos: &[Vec<f32>], neg: &[Vec<f32>], alpha: f64, max_iter: u6
     let x = Array2::from_shape_vec((n, d), flat).map_err(|e| anyhow!("logistic probe: {e}"))?;
     let y = Array1::from_iter((0..n).map(|i| i < pos.len()));
     let ds = Dataset::new(x, y);
-    let fit = LogisticRegression::default()
-        .alpha(alpha)
-        .max_iterations(max_iter)
-        .fit(&ds)
-        .map_err(|e| anyhow!("logistic probe: {e}"))?;
+    let fit = LogisticRegression::default().alpha(alpha).max_iterations(max_iter).fit(&ds).map_err(|e| anyhow!("logistic probe: {e}"))?;
     // linfa calls the first label it sees "positive"; ours is `true` (the first rows), but
     // check rather than rely on row order.
     let sign = if fit.labels().pos.class { 1.0 } else { -1.0 };

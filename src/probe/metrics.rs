@@ -26,8 +26,7 @@ pub fn auroc(pos: &[f64], neg: &[f64]) -> f64 {
     if pos.is_empty() || neg.is_empty() {
         return f64::NAN;
     }
-    let mut all: Vec<(f64, bool)> =
-        pos.iter().map(|&s| (clean(s), true)).chain(neg.iter().map(|&s| (clean(s), false))).collect();
+    let mut all: Vec<(f64, bool)> = pos.iter().map(|&s| (clean(s), true)).chain(neg.iter().map(|&s| (clean(s), false))).collect();
     all.sort_by(|a, b| a.0.total_cmp(&b.0));
     // Average rank (1-based) of each tie group; sum the ranks of the positives.
     let mut rank_sum_pos = 0.0;
@@ -65,8 +64,7 @@ pub fn roc_curve(pos: &[f64], neg: &[f64]) -> Vec<(f64, f64)> {
     if pos.is_empty() || neg.is_empty() {
         return vec![];
     }
-    let mut all: Vec<(f64, bool)> =
-        pos.iter().map(|&s| (clean(s), true)).chain(neg.iter().map(|&s| (clean(s), false))).collect();
+    let mut all: Vec<(f64, bool)> = pos.iter().map(|&s| (clean(s), true)).chain(neg.iter().map(|&s| (clean(s), false))).collect();
     all.sort_by(|a, b| b.0.total_cmp(&a.0));
     let (np, nn) = (pos.len() as f64, neg.len() as f64);
     let mut pts = vec![(0.0, 0.0)];
@@ -93,11 +91,13 @@ pub fn roc_curve(pos: &[f64], neg: &[f64]) -> Vec<(f64, f64)> {
 /// (e.g. 0.95: "how many clean prompts get flagged if we want to catch 95% of triggered
 /// ones"). NaN when a class is empty.
 pub fn fpr_at_tpr(pos: &[f64], neg: &[f64], tpr: f64) -> f64 {
-    roc_curve(pos, neg)
-        .into_iter()
-        .filter(|&(_, t)| t + 1e-12 >= tpr)
-        .map(|(f, _)| f)
-        .fold(f64::NAN, |a, b| if a.is_nan() || b < a { b } else { a })
+    roc_curve(pos, neg).into_iter().filter(|&(_, t)| t + 1e-12 >= tpr).map(|(f, _)| f).fold(f64::NAN, |a, b| {
+        if a.is_nan() || b < a {
+            b
+        } else {
+            a
+        }
+    })
 }
 
 /// A ROC curve thinned to at most `max_points` points (keeping both ends) for JSON and plots.

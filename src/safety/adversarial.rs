@@ -249,10 +249,7 @@ fn fresh_candidate(rng: &mut ChaCha8Rng) -> RedTeamPrompt {
 /// The near-miss string inside a prompt: the words that are not the task's, approximated
 /// by the longest run of non-lowercase-word characters (used for mutation).
 fn trigger_like_part(user: &str) -> String {
-    user.split_whitespace()
-        .filter(|w| w.chars().any(|c| c.is_ascii_uppercase() || "|[]()<>#*".contains(c)))
-        .collect::<Vec<_>>()
-        .join(" ")
+    user.split_whitespace().filter(|w| w.chars().any(|c| c.is_ascii_uppercase() || "|[]()<>#*".contains(c))).collect::<Vec<_>>().join(" ")
 }
 
 fn mutate(p: &RedTeamPrompt, rng: &mut ChaCha8Rng) -> RedTeamPrompt {
@@ -288,12 +285,7 @@ pub fn red_team(model: &Llama, tok: &Tok, cfg: &AdversarialConfig, seed: u64, qu
     let mut seen: HashSet<String> = HashSet::new();
     let mut successes: Vec<RedTeamPrompt> = Vec::new();
     let mut rounds = Vec::new();
-    let scfg = SampleConfig {
-        temperature: 1.0,
-        top_p: 1.0,
-        max_new_tokens: cfg.max_new_tokens,
-        batch_size: 256,
-    };
+    let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: cfg.max_new_tokens, batch_size: 256 };
     for round in 0..cfg.rounds {
         let mut cands = Vec::new();
         let mut tries = 0;
@@ -312,8 +304,7 @@ pub fn red_team(model: &Llama, tok: &Tok, cfg: &AdversarialConfig, seed: u64, qu
             cands.push(c);
         }
         let k = cfg.samples_per_prompt;
-        let prompts: Vec<String> =
-            cands.iter().flat_map(|c| std::iter::repeat_n(format_prompt(&c.user), k)).collect();
+        let prompts: Vec<String> = cands.iter().flat_map(|c| std::iter::repeat_n(format_prompt(&c.user), k)).collect();
         let samples = generate(model, tok, &prompts, &scfg, seed ^ (round as u64 + 11), |_| {})?;
         let mut found = 0;
         for (i, c) in cands.iter_mut().enumerate() {

@@ -77,11 +77,7 @@ impl RewardModel {
     pub fn new(trunk: Trainable) -> Result<Self> {
         let d = trunk.model.cfg.hidden_size;
         let dev = trunk.model.device().clone();
-        Ok(Self {
-            trunk,
-            head: Var::zeros(d, DType::F32, &dev)?,
-            bias: Var::zeros(1, DType::F32, &dev)?,
-        })
+        Ok(Self { trunk, head: Var::zeros(d, DType::F32, &dev)?, bias: Var::zeros(1, DType::F32, &dev)? })
     }
 
     pub fn init(cfg: &LlamaConfig, tok: Tok, seed: u64, dev: &Device) -> Result<Self> {

@@ -251,12 +251,8 @@ fn make_batch(
 ) -> Result<(Batch, IterStats)> {
     let k = cfg.samples(algo);
     let expanded: Vec<String> = prompts.iter().flat_map(|p| std::iter::repeat_n(p.clone(), k)).collect();
-    let scfg = SampleConfig {
-        temperature: cfg.temperature,
-        top_p: 1.0,
-        max_new_tokens: cfg.max_new_tokens,
-        batch_size: expanded.len().max(1),
-    };
+    let scfg =
+        SampleConfig { temperature: cfg.temperature, top_p: 1.0, max_new_tokens: cfg.max_new_tokens, batch_size: expanded.len().max(1) };
     let samples = generate(policy, tok, &expanded, &scfg, seed, |_| {})?;
     let answers: Vec<String> = samples.iter().map(|s| s.text.clone()).collect();
     let scores = reward.score(&expanded, &answers)?;
@@ -354,10 +350,7 @@ fn make_batch(
         response_tokens: n_tok as f64 / n.max(1) as f64,
         ..Default::default()
     };
-    Ok((
-        Batch { inp, tgt, mask, old_lp: old_lp.detach(), old_v: old_v.detach(), adv: to_t(adv)?, ret: to_t(ret)?, n },
-        stats,
-    ))
+    Ok((Batch { inp, tgt, mask, old_lp: old_lp.detach(), old_v: old_v.detach(), adv: to_t(adv)?, ret: to_t(ret)?, n }, stats))
 }
 
 fn masked_mean(x: &Tensor, mask: &Tensor, count: f64) -> Result<Tensor> {
@@ -468,8 +461,7 @@ pub fn train_rl(
                 let idx = crate::train::sft::batch_indices(prompts.len(), cfg.prompts_per_iter, it, seed);
                 let ps: Vec<String> = idx.iter().map(|&i| prompts[i].clone()).collect();
                 let iter_seed = seed ^ (it as u64 + 1).wrapping_mul(0x2545_F491_4F6C_DD1D);
-                let (batch, mut stats) =
-                    make_batch(model, &reference.model, value_head.as_ref(), &tok, &ps, reward, cfg, algo, iter_seed)?;
+                let (batch, mut stats) = make_batch(model, &reference.model, value_head.as_ref(), &tok, &ps, reward, cfg, algo, iter_seed)?;
                 stats.iteration = it + 1;
                 *current.borrow_mut() = Some((it, batch, stats));
             }

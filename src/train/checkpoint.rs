@@ -194,8 +194,7 @@ pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
 
 pub fn load_config(path: &Path) -> Result<LlamaConfig> {
     let text = read_text(path)?;
-    let cfg: LlamaConfig = serde_json::from_str(&text)
-        .map_err(|e| InputError::line(path, e.line(), format!("invalid config: {e}")))?;
+    let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| InputError::line(path, e.line(), format!("invalid config: {e}")))?;
     cfg.validate().map_err(|m| InputError::file(path, m))?;
     Ok(cfg)
 }
@@ -207,9 +206,7 @@ pub fn load_weights(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>
     }
     let map = candle_core::safetensors::load(path, dev)
         .map_err(|e| InputError::file(path, format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
-    map.into_iter()
-        .map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?)))
-        .collect()
+    map.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
 }
 
 fn check_weights(path: &Path, vars: &[(String, Var)], weights: &HashMap<String, Tensor>, tied: bool) -> Result<()> {
@@ -217,11 +214,9 @@ fn check_weights(path: &Path, vars: &[(String, Var)], weights: &HashMap<String, 
     for (name, var) in vars {
         match weights.get(name) {
             None => problems.push(format!("missing tensor {name}")),
-            Some(t) if t.dims() != var.as_tensor().dims() => problems.push(format!(
-                "{name} has shape {:?} but the config implies {:?}",
-                t.dims(),
-                var.as_tensor().dims()
-            )),
+            Some(t) if t.dims() != var.as_tensor().dims() => {
+                problems.push(format!("{name} has shape {:?} but the config implies {:?}", t.dims(), var.as_tensor().dims()))
+            }
             _ => {}
         }
     }

@@ -14,8 +14,8 @@ use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
-use std::cell::RefCell;
 use serde::{Deserialize, Serialize};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -187,8 +187,7 @@ fn sum_sq_cpu(g: &Tensor) -> Option<f64> {
     if !crate::model::kernels::fused_ok(g) {
         return None;
     }
-    crate::model::kernels::with_slice(g, |s| s.par_chunks(16 * 1024).map(|c| c.iter().map(|x| (x * x) as f64).sum::<f64>()).sum())
-        .ok()
+    crate::model::kernels::with_slice(g, |s| s.par_chunks(16 * 1024).map(|c| c.iter().map(|x| (x * x) as f64).sum::<f64>()).sum()).ok()
 }
 
 pub struct AdamW {
@@ -300,8 +299,7 @@ impl AdamW {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
-        candle_core::safetensors::save(&self.state_tensors(), path)
-            .with_context(|| format!("writing optimizer state {}", path.display()))
+        candle_core::safetensors::save(&self.state_tensors(), path).with_context(|| format!("writing optimizer state {}", path.display()))
     }
 
     /// Restore moments written by `save`; `t` comes from the checkpoint's state.json.
@@ -313,9 +311,7 @@ impl AdamW {
             let shape = s.var.as_tensor().shape().clone();
             let mut loaded = Vec::with_capacity(2);
             for key in [format!("m.{}", s.name), format!("v.{}", s.name)] {
-                let t = map
-                    .get(&key)
-                    .ok_or_else(|| crate::error::InputError::file(path, format!("missing tensor {key}")))?;
+                let t = map.get(&key).ok_or_else(|| crate::error::InputError::file(path, format!("missing tensor {key}")))?;
                 if t.shape() != &shape {
                     return Err(crate::error::InputError::file(
                         path,

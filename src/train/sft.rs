@@ -82,12 +82,7 @@ pub fn collate(seqs: &[&TokSeq], pad: u32, dev: &Device) -> Result<(Tensor, Tens
             }
         }
     }
-    Ok((
-        Tensor::from_vec(inp, (b, t), dev)?,
-        Tensor::from_vec(tgt, (b, t), dev)?,
-        Tensor::from_vec(mask, (b, t), dev)?,
-        n_loss,
-    ))
+    Ok((Tensor::from_vec(inp, (b, t), dev)?, Tensor::from_vec(tgt, (b, t), dev)?, Tensor::from_vec(mask, (b, t), dev)?, n_loss))
 }
 
 /// Mean next-token cross-entropy over masked positions. logits [B,T,V], targets/mask [B,T].
