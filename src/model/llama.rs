@@ -530,6 +530,7 @@ impl Llama {
                 max_pos: c.max_position_embeddings,
                 last_only,
                 capture: capture == Capture::Residuals,
+                isa: super::isa::active(),
             },
             xs,
             b,

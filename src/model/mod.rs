@@ -1,6 +1,8 @@
 //! The language model: the decoder, its tokenizer, sampling, and presets for the size sweep.
 
 pub mod decode;
+mod gemm_isa;
+pub mod isa;
 pub mod kernels;
 pub mod llama;
 pub mod presets;

@@ -15,7 +15,9 @@ use rand_chacha::ChaCha8Rng;
 
 /// mean(pos) - mean(neg), elementwise. Empty inputs give an empty direction.
 pub fn diff_of_means(pos: &[Vec<f32>], neg: &[Vec<f32>]) -> Vec<f32> {
-    let (Some(first), false) = (pos.first(), neg.is_empty()) else { return vec![] };
+    let (Some(first), false) = (pos.first(), neg.is_empty()) else {
+        return vec![];
+    };
     let d = first.len();
     let mean = |xs: &[Vec<f32>]| -> Vec<f64> {
         let mut m = vec![0f64; d];

@@ -308,7 +308,9 @@ chosen on the test set (optimistic; the random baseline is chosen the same way).
 pub fn load_summaries(out_dir: &Path) -> Result<Vec<DetectorSummary>> {
     let dir = out_dir.join("probes");
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(out) };
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Ok(out);
+    };
     for e in entries.flatten() {
         let p = e.path();
         if p.extension().is_some_and(|x| x == "json") {

@@ -187,7 +187,14 @@ fn sum_sq_cpu(g: &Tensor) -> Option<f64> {
     if !crate::model::kernels::fused_ok(g) {
         return None;
     }
-    crate::model::kernels::with_slice(g, |s| s.par_chunks(16 * 1024).map(|c| c.iter().map(|x| (x * x) as f64).sum::<f64>()).sum()).ok()
+    // Partial sums of fixed chunks, added in chunk order: rayon's parallel `sum` adds
+    // partials in a tree whose shape follows the thread split, which would make the
+    // clipping factor (and so every later weight) depend on the thread count.
+    crate::model::kernels::with_slice(g, |s| {
+        let partials: Vec<f64> = s.par_chunks(16 * 1024).map(|c| c.iter().map(|x| (x * x) as f64).sum::<f64>()).collect();
+        partials.iter().sum()
+    })
+    .ok()
 }
 
 pub struct AdamW {
@@ -251,7 +258,9 @@ impl AdamW {
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         for s in &mut self.slots {
-            let Some(g) = grads.get(s.var.as_tensor()) else { continue };
+            let Some(g) = grads.get(s.var.as_tensor()) else {
+                continue;
+            };
             let decay = if s.decay { 1.0 - lr * self.cfg.weight_decay } else { 1.0 };
             match &mut s.moments {
                 Moments::Cpu { m, v } if crate::model::kernels::fused_ok(g) => {
@@ -268,7 +277,9 @@ impl AdamW {
                     let op = FusedAdamW { h, m: RefCell::new(&mut m[..]), v: RefCell::new(&mut v[..]) };
                     s.var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
                 }
-                Moments::Cpu { .. } => anyhow::bail!("{}: gradient is not a CPU f32 tensor", s.name),
+                Moments::Cpu { .. } => {
+                    anyhow::bail!("{}: gradient is not a CPU f32 tensor", s.name)
+                }
                 Moments::Dev { m, v } => {
                     let g = if scale != 1.0 { (g * scale)? } else { g.clone() };
                     *m = ((&*m * b1)? + (&g * (1.0 - b1))?)?;

@@ -177,7 +177,9 @@ fn try_resume(dir: &PathBuf, spec: &LoopSpec, model: &mut Trainable, opt: &mut A
         return Ok(None);
     }
     let text = std::fs::read_to_string(&state_path).with_context(|| format!("reading {}", state_path.display()))?;
-    let Ok(state) = serde_json::from_str::<LoopState>(&text) else { return Ok(None) };
+    let Ok(state) = serde_json::from_str::<LoopState>(&text) else {
+        return Ok(None);
+    };
     if &state.hash != hash {
         return Ok(None);
     }
