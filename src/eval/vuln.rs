@@ -211,7 +211,7 @@ const STAT_MODES: &[(&str, u32)] = &[
 ];
 
 fn children<'t>(n: Node<'t>) -> Vec<Node<'t>> {
-    (0..n.child_count()).filter_map(|i| n.child(i as u32)).collect()
+    (0..n.child_count()).filter_map(|i| n.child(i)).collect()
 }
 
 fn named_children<'t>(n: Node<'t>) -> Vec<Node<'t>> {
@@ -953,13 +953,12 @@ impl<'t> Ctx<'t> {
                 }
             }
         }
-        if q.starts_with("subprocess.") && matches!(last.as_str(), "run" | "call" | "check_call" | "check_output" | "Popen") {
-            if kw("shell").is_some_and(|s| self.text(s) == "True") {
-                if let Some(cmd) = arg(0, "args") {
-                    if let Some(why) = self.shell_unsafe(cmd) {
-                        self.flag(n, 78, "shell-injection", format!("{q}(shell=True) runs a {why}"));
-                    }
-                }
+        if q.starts_with("subprocess.")
+            && matches!(last.as_str(), "run" | "call" | "check_call" | "check_output" | "Popen")
+            && kw("shell").is_some_and(|s| self.text(s) == "True")
+        {
+            if let Some(why) = arg(0, "args").and_then(|cmd| self.shell_unsafe(cmd)) {
+                self.flag(n, 78, "shell-injection", format!("{q}(shell=True) runs a {why}"));
             }
         }
 

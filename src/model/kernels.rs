@@ -555,7 +555,7 @@ pub struct AttentionOp {
 impl AttentionOp {
     /// q holds [b, t, h, e] elements, k and v [b, t, k, e] (any shapes with those counts).
     pub fn new(scale: f32, b: usize, t: usize, h: usize, k: usize, e: usize) -> Result<Self> {
-        if k == 0 || h % k != 0 {
+        if k == 0 || !h.is_multiple_of(k) {
             bail!("attention: {h} heads are not a multiple of {k} kv heads");
         }
         Ok(Self { scale, dims: AttnDims { b, t, h, k, e }, lse: Mutex::new(Vec::new()) })
@@ -696,7 +696,7 @@ impl CustomOp3 for AttentionOp {
             let (bi, g) = (bg / k, bg % k);
             let mut p = vec![0f32; BLOCK * t];
             let mut dp = vec![0f32; BLOCK * t];
-            let mut dsum = vec![0f32; BLOCK];
+            let mut dsum = [0f32; BLOCK];
             let kb = kv[bi * t * ks + g * e..].as_ptr();
             let vb = vv[bi * t * ks + g * e..].as_ptr();
             // SAFETY (every `unsafe` in this task): `check` proved the sizes, so the

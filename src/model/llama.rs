@@ -13,6 +13,7 @@
 //!   a plain-vector KV-cache path for sampling;
 //! - the composite path (other devices and dtypes, or `set_fused(false)`): norms, rotary
 //!   and softmax written as differentiable candle compositions.
+//!
 //! `tests/kernels.rs` checks that both agree (values, gradients, a short loss curve) and
 //! `tests/model.rs` that every weight learns.
 //!
@@ -77,14 +78,14 @@ impl LlamaConfig {
         if c.vocab_size == 0 || c.hidden_size == 0 || c.num_hidden_layers == 0 || c.num_attention_heads == 0 {
             return Err("vocab_size, hidden_size, num_hidden_layers and num_attention_heads must be > 0".into());
         }
-        if c.hidden_size % c.num_attention_heads != 0 {
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(format!("hidden_size {} is not divisible by num_attention_heads {}", c.hidden_size, c.num_attention_heads));
         }
-        if c.head_dim() % 2 != 0 {
+        if !c.head_dim().is_multiple_of(2) {
             return Err(format!("head dim {} must be even for rotary embeddings", c.head_dim()));
         }
         let kv = c.kv_heads();
-        if kv == 0 || c.num_attention_heads % kv != 0 {
+        if kv == 0 || !c.num_attention_heads.is_multiple_of(kv) {
             return Err(format!("num_attention_heads {} is not a multiple of num_key_value_heads {kv}", c.num_attention_heads));
         }
         if c.max_position_embeddings == 0 || c.max_position_embeddings > 1 << 20 {
@@ -468,8 +469,7 @@ impl Llama {
     /// Whether every weight is a contiguous CPU f32 tensor (the plain-vector path reads
     /// them in place).
     fn raw_ok(&self, x: &Tensor) -> bool {
-        let lin_ok =
-            |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(|b| kernels::fused_ok(b));
+        let lin_ok = |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(kernels::fused_ok);
         self.use_fused(x)
             && lin_ok(&self.lm_head)
             && kernels::fused_ok(&self.norm.weight)

