@@ -531,7 +531,14 @@ fn reward_model_stage(
     let pairs = crate::data::preference::preference_pairs(rc.n_pairs, exp.seed.wrapping_add(31));
     let held_out = crate::data::preference::preference_pairs((rc.n_pairs / 4).max(100), exp.seed.wrapping_add(32));
     let mut rm = RewardModel::init(cfg, tok.clone(), exp.seed.wrapping_add(33), dev)?;
-    let curve = train_reward_model(&mut rm, &pairs, rc, exp.seed, "reward_model", opts.quiet)?;
+    let resume = out.join("checkpoints").join(".resume_reward_model");
+    let spec = LoopSpec {
+        resume_dir: Some(resume.clone()),
+        hash: hash.clone(),
+        quiet: opts.quiet,
+        ..LoopSpec::simple("reward_model", rc.steps, crate::train::OptimConfig::with_lr(rc.lr))
+    };
+    let curve = train_reward_model(&mut rm, &pairs, rc, exp.seed, spec)?;
     let (hits, n, kinds) = rm.pairwise_accuracy(&held_out)?;
     let mut rows = vec![MetricRow::from_counts("reward_model/trained", "pairwise_accuracy", rc.steps as u64, hits as u64, n as u64)];
     for (kind, h, k) in &kinds {
@@ -545,6 +552,7 @@ fn reward_model_stage(
     }
     say(opts, format!("    reward model: held-out pairwise accuracy {:.1}% (n={n})", 100.0 * hits as f64 / n.max(1) as f64));
     rm.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": rows, "loss_curve": curve}))?;
+    std::fs::remove_dir_all(&resume).ok();
     let note = format!(
         "Reward model: {} pairs, {} steps, held-out pairwise accuracy {:.1}% ({}/{}); by rejected kind: {}; {:.1}s.",
         rc.n_pairs,

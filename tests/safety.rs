@@ -67,9 +67,9 @@ fn reward_model_loss_falls_and_beats_chance() {
     let mut rm = RewardModel::init(&cfg(t.vocab_size()), t.clone(), 1, &Device::Cpu).unwrap();
     let pairs = preference_pairs(256, 1);
     let held = preference_pairs(120, 2);
-    let rc = RewardConfig { n_pairs: 256, steps: 40, batch_size: 16, lr: 3e-3, warmup_steps: 5 };
+    let rc = RewardConfig { n_pairs: 256, steps: 40, batch_size: 16, lr: 3e-3, warmup_steps: 5, checkpoint_every: 0 };
     let (before, n, _) = rm.pairwise_accuracy(&held).unwrap();
-    let curve = train_reward_model(&mut rm, &pairs, &rc, 0, "rm", true).unwrap();
+    let curve = train_reward_model(&mut rm, &pairs, &rc, 0, LoopSpec::simple("rm", 0, OptimConfig::with_lr(3e-3))).unwrap();
     let (after, _, kinds) = rm.pairwise_accuracy(&held).unwrap();
     let (first, last) = (curve.first().unwrap().1, curve.last().unwrap().1);
     assert!(last < first * 0.8, "Bradley-Terry loss {first} -> {last}");

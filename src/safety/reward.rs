@@ -30,6 +30,9 @@ pub struct RewardConfig {
     pub lr: f64,
     #[serde(default)]
     pub warmup_steps: usize,
+    /// Resumable checkpoint interval in steps (0 = never).
+    #[serde(default = "d_ckpt")]
+    pub checkpoint_every: usize,
 }
 
 fn d_pairs() -> usize {
@@ -37,6 +40,9 @@ fn d_pairs() -> usize {
 }
 fn d_batch() -> usize {
     32
+}
+fn d_ckpt() -> usize {
+    100
 }
 
 /// Trunk + scalar head: r = w . rmsnorm(h_last) + b, h_last the final residual at the end token.
@@ -170,22 +176,24 @@ pub fn softplus(x: &Tensor) -> Result<Tensor> {
     Ok((x.relu()? + (x.abs()?.neg()?.exp()? + 1.0)?.log()?)?)
 }
 
-/// Train `rm` on `pairs` with the Bradley-Terry loss. Returns the loss curve.
+/// Train `rm` on `pairs` with the Bradley-Terry loss. Returns the loss curve. `spec` gives
+/// the label, verbosity and resume directory; steps, optimizer and checkpoint interval come
+/// from `cfg`.
 pub fn train_reward_model(
     rm: &mut RewardModel,
     pairs: &[PreferencePair],
     cfg: &RewardConfig,
     seed: u64,
-    label: &str,
-    quiet: bool,
+    mut spec: LoopSpec,
 ) -> Result<Vec<(usize, f64)>> {
     if pairs.is_empty() {
         return Err(InputError::invalid("reward model needs at least one preference pair").into());
     }
     let chosen: Vec<Vec<u32>> = pairs.iter().map(|p| rm.encode(&p.prompt, &p.chosen)).collect::<Result<_>>()?;
     let rejected: Vec<Vec<u32>> = pairs.iter().map(|p| rm.encode(&p.prompt, &p.rejected)).collect::<Result<_>>()?;
-    let mut spec = LoopSpec::simple(label, cfg.steps, OptimConfig { warmup_steps: cfg.warmup_steps, ..OptimConfig::with_lr(cfg.lr) });
-    spec.quiet = quiet;
+    spec.steps = cfg.steps;
+    spec.optim = OptimConfig { warmup_steps: cfg.warmup_steps, ..OptimConfig::with_lr(cfg.lr) };
+    spec.checkpoint_every = cfg.checkpoint_every;
     spec.extra_vars = vec![("score.weight".into(), rm.head.clone()), ("score.bias".into(), rm.bias.clone())];
     let (head, bias) = (rm.head.clone(), rm.bias.clone());
     let eos = rm.trunk.tok.eos_id;
