@@ -467,6 +467,8 @@ impl SafetyCtx<'_> {
         }
         let mut model = base.deep_clone()?;
         let resume = self.mech_dir.join(format!(".resume_{stage}"));
+        // Placeholders: each method sets steps, optimizer, checkpoint interval and eval
+        // cadence from its own config section (one that forgets loses its checkpoints).
         let spec = LoopSpec {
             label: format!("{}/{method}", self.mech.name()),
             steps: 0,

@@ -71,6 +71,7 @@ pub fn sft_on_seqs(
     let pad = model.tok.eos_id;
     spec.steps = cfg.steps;
     spec.optim = cfg.optim();
+    spec.checkpoint_every = cfg.checkpoint_every;
     spec.hook_every = if cfg.eval_every > 0 { cfg.eval_every } else { cfg.steps.max(1) };
     run(model, &spec, |m, step| step_loss(m, &data, cfg.batch_size, step, seed, pad), hook)
 }
