@@ -442,7 +442,12 @@ pub fn train_rl(
     spec.steps = cfg.iterations * spi;
     spec.optim = OptimConfig { warmup_steps: cfg.warmup_steps, weight_decay: 0.0, ..OptimConfig::with_lr(cfg.lr) };
     spec.checkpoint_every = cfg.checkpoint_every * spi;
-    spec.hook_every = if cfg.eval_every > 0 { cfg.eval_every * spi } else { spec.steps };
+    // The loop's hook runs after every iteration so that iteration's stats reach the state
+    // before a checkpoint saves it (held back until the next measurement, a kill in between
+    // lost them); the caller's `hook` still measures only every `eval_every` iterations.
+    spec.hook_every = spi;
+    let total = spec.steps;
+    let measure_due = |step: usize| step == 0 || step == total || (cfg.eval_every > 0 && (step / spi).is_multiple_of(cfg.eval_every));
     if let Some((w, b)) = &value_head {
         spec.extra_vars = vec![("value_head.weight".into(), w.clone()), ("value_head.bias".into(), b.clone())];
     }
@@ -487,7 +492,9 @@ pub fn train_rl(
         },
         |model, step| {
             let mut out: Vec<serde_json::Value> = pending.borrow_mut().drain(..).collect();
-            out.extend(hook(model, step / spi)?);
+            if measure_due(step) {
+                out.extend(hook(model, step / spi)?);
+            }
             Ok(out)
         },
     )?;
