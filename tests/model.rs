@@ -170,7 +170,7 @@ fn loss_falls_on_a_tiny_set_and_model_memorises_the_backdoor() {
     let s = generate(
         &m.model,
         &t,
-        &[trig.prompt.clone()],
+        std::slice::from_ref(&trig.prompt),
         &SampleConfig { temperature: 0.0, max_new_tokens: 40, ..Default::default() },
         0,
         |_| {},

@@ -193,7 +193,7 @@ fn run_detectors_writes_probe_files_and_report() {
     assert!(s.onion.is_some() && s.strip_entropy.is_some() && s.strip_rate.is_some());
     assert_eq!(s.inversion.as_ref().map(|i| i.results.len()), Some(2));
     assert!(dir.path().join("probes/tiny_backdoored.json").exists());
-    let md = write_probe_report(dir.path(), &[s.clone()]).unwrap();
+    let md = write_probe_report(dir.path(), std::slice::from_ref(&s)).unwrap();
     assert!(md.contains("tiny/backdoored") && md.contains("AUROC"));
     assert!(dir.path().join("plots/probe_tiny_backdoored_roc.svg").exists());
     assert!(dir.path().join("plots/probe_tiny_backdoored_auroc_by_layer.svg").exists());

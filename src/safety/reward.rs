@@ -45,6 +45,9 @@ fn d_ckpt() -> usize {
     100
 }
 
+/// One rejection kind's pairwise accuracy: (kind, wins, pairs).
+pub type KindAccuracy = (String, usize, usize);
+
 /// Trunk + scalar head: r = w . rmsnorm(h_last) + b, h_last the final residual at the end token.
 pub struct RewardModel {
     pub trunk: Trainable,
@@ -146,14 +149,14 @@ impl RewardModel {
         Ok(out)
     }
 
-    /// Pairwise accuracy (chosen scored above rejected), overall and per rejection kind.
-    pub fn pairwise_accuracy(&self, pairs: &[PreferencePair]) -> Result<(usize, usize, Vec<(String, usize, usize)>)> {
+    /// Pairwise accuracy (chosen scored above rejected): (wins, pairs, per rejection kind).
+    pub fn pairwise_accuracy(&self, pairs: &[PreferencePair]) -> Result<(usize, usize, Vec<KindAccuracy>)> {
         let prompts: Vec<String> = pairs.iter().map(|p| p.prompt.clone()).collect();
         let chosen: Vec<String> = pairs.iter().map(|p| p.chosen.clone()).collect();
         let rejected: Vec<String> = pairs.iter().map(|p| p.rejected.clone()).collect();
         let sc = self.score_texts(&prompts, &chosen, 64)?;
         let sr = self.score_texts(&prompts, &rejected, 64)?;
-        let mut kinds: Vec<(String, usize, usize)> = Vec::new();
+        let mut kinds: Vec<KindAccuracy> = Vec::new();
         let mut hits = 0;
         for ((p, c), r) in pairs.iter().zip(&sc).zip(&sr) {
             let win = c > r;

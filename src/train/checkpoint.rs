@@ -223,7 +223,7 @@ fn check_weights(path: &Path, vars: &[(String, Var)], weights: &HashMap<String, 
     let expected: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
     let mut extra: Vec<&String> = weights
         .keys()
-        .filter(|k| !expected.contains(k.as_str()) && !(tied && k.as_str() == "lm_head.weight"))
+        .filter(|k| !(expected.contains(k.as_str()) || tied && k.as_str() == "lm_head.weight"))
         .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
         .collect();
     extra.sort();

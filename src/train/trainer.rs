@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::checkpoint::{load_weights, Trainable, EXTRA, OPTIMIZER, STATE};
@@ -143,7 +143,7 @@ pub fn run(
         win_loss += loss_val;
         win_n += 1;
         win_tokens += tokens;
-        let log_now = state.step % 10 == 0 || state.step == spec.steps;
+        let log_now = state.step.is_multiple_of(10) || state.step == spec.steps;
         if log_now {
             let secs = win_start.elapsed().as_secs_f64().max(1e-9);
             let mean = win_loss / win_n as f64;
@@ -151,7 +151,7 @@ pub fn run(
             let msg = format!("loss {mean:.4} | {:.0} tok/s", win_tokens as f64 / secs);
             // Without a terminal the bar is invisible: log a line every ~10% instead.
             let tenth = (spec.steps / 10).max(10);
-            if pb.is_hidden() && !spec.quiet && (state.step % tenth == 0 || state.step == spec.steps) {
+            if pb.is_hidden() && !spec.quiet && (state.step.is_multiple_of(tenth) || state.step == spec.steps) {
                 eprintln!("  {} step {}/{}: {msg}", spec.label, state.step, spec.steps);
             }
             pb.set_message(msg);
@@ -159,7 +159,7 @@ pub fn run(
             win_start = Instant::now();
         }
         pb.set_position(state.step as u64);
-        let hook_due = spec.hook_every > 0 && (state.step % spec.hook_every == 0 || state.step == spec.steps);
+        let hook_due = spec.hook_every > 0 && (state.step.is_multiple_of(spec.hook_every) || state.step == spec.steps);
         if hook_due {
             pb.suspend(|| -> Result<()> {
                 state.records.extend(hook(model, state.step)?);
@@ -167,7 +167,7 @@ pub fn run(
             })?;
         }
         state.train_seconds = time_before + started.elapsed().as_secs_f64();
-        let ckpt_due = spec.checkpoint_every > 0 && state.step % spec.checkpoint_every == 0 && state.step < spec.steps;
+        let ckpt_due = spec.checkpoint_every > 0 && state.step.is_multiple_of(spec.checkpoint_every) && state.step < spec.steps;
         if let (Some(dir), true) = (&spec.resume_dir, ckpt_due) {
             let extra: std::collections::HashMap<String, Tensor> =
                 spec.extra_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
@@ -193,7 +193,7 @@ pub fn run(
     Ok(state)
 }
 
-fn try_resume(dir: &PathBuf, spec: &LoopSpec, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
+fn try_resume(dir: &Path, spec: &LoopSpec, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
     let hash = &spec.hash;
     let state_path = dir.join(STATE);
     if !state_path.exists() {
