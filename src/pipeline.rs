@@ -165,7 +165,10 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("reward model missing"))?;
             let prompts = rl_prompts(exp, c.n_prompts);
             let stage = format!("after_{}", algo.name());
-            let (r, note) = ctx.stage(&stage, algo.name(), &json!(c), &model, None, |m, spec, hook| {
+            // The policy is trained against the reward model, so its config is part of the
+            // stage key: a changed [safety.reward_model] retrains RL instead of reusing it.
+            let key = json!({"rl": c, "reward_model": &exp.safety.reward_model});
+            let (r, note) = ctx.stage(&stage, algo.name(), &key, &model, None, |m, spec, hook| {
                 let reference = m.deep_clone()?;
                 crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, c, algo, exp.seed.wrapping_add(9), spec, hook)
             })?;
@@ -186,8 +189,14 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             sets.extra.push(("redteam".into(), red.measure.iter().map(|p| p.to_example()).collect()));
             let actx = SafetyCtx { sets: &sets, ..ctx };
             let method = format!("adversarial_{}", c.method);
+            // Adversarial RL also depends on the RL and reward-model sections it borrows.
+            let key = if c.method == "sft" {
+                json!(c)
+            } else {
+                json!({"adversarial": c, "ppo": &sf.ppo, "rloo": &sf.rloo, "reward_model": &exp.safety.reward_model})
+            };
             let (r, note) =
-                actx.stage("after_adversarial", &method, &json!(c), &model, Some(&red), |m, spec, hook| match c.method.as_str() {
+                actx.stage("after_adversarial", &method, &key, &model, Some(&red), |m, spec, hook| match c.method.as_str() {
                     "sft" => {
                         let data = crate::safety::adversarial::adversarial_dataset(&hhh, &red.train, c.mix_fraction, exp.seed);
                         let seqs = tokenize(&m.tok, &data, m.model.cfg.max_position_embeddings)?;

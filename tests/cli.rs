@@ -368,6 +368,23 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     }
     let report = fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("PPO") || report.contains("ppo"), "report does not mention PPO");
+
+    // A changed reward model retrains it and the RL stages trained against it, and
+    // nothing else (before the fix, PPO/RLOO were skipped with stale results).
+    let text = fs::read_to_string(fixture("tiny_safety.toml")).unwrap();
+    let changed = text.replacen("[safety.reward_model]\nn_pairs = 64\nsteps = 4", "[safety.reward_model]\nn_pairs = 64\nsteps = 5", 1);
+    assert_ne!(changed, text, "fixture layout changed: update this test");
+    let cfg2 = dir.path().join("rm_changed.toml");
+    fs::write(&cfg2, changed).unwrap();
+    let o2 = run(&["run", cfg2.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o2.status.success(), "{}", stderr(&o2));
+    let err = stderr(&o2);
+    for retrained in ["reward_model", "normal/after_ppo", "cot/after_rloo"] {
+        assert!(!err.contains(&format!("  {retrained}: done earlier, skipped")), "{retrained} was not retrained:\n{err}");
+    }
+    for kept in ["normal/after_sft", "cot/after_sft_post_scratchpad", "normal/after_adversarial"] {
+        assert!(err.contains(&format!("  {kept}: done earlier, skipped")), "{kept} was retrained:\n{err}");
+    }
 }
 
 /// The bench runs the real model and loops; with --rounds it reports medians over the
