@@ -631,6 +631,18 @@ mod tests {
     /// the same logits and residuals on 1, 2 and 3 threads, and its prefill must agree
     /// with a token-by-token run (same function, different code paths through the cache).
     /// Batch 5 runs as one group shared by the threads, batch 48 as one group per thread.
+    /// The shared-buffer accessors check bounds in release builds too (the suite runs
+    /// `--release`; with `debug_assert` this write landed silently past the view).
+    #[test]
+    #[should_panic(expected = "past 3")]
+    fn shared_buffers_are_bounds_checked_in_release() {
+        // A view of 3 inside a buffer of 4, so an unchecked write stays inside the allocation.
+        let mut v = vec![0f32; 4];
+        let s = Shared::new(&mut v[..3]);
+        // SAFETY: single-threaded; index 3 is past the view and must panic before writing.
+        unsafe { s.write(3, 1.0) };
+    }
+
     /// Every kernel path this CPU runs is checked, and all paths must agree bitwise.
     #[test]
     fn results_do_not_depend_on_threads_and_prefill_matches_steps() {
