@@ -638,9 +638,9 @@ mod tests {
     #[test]
     #[cfg(debug_assertions)]
     #[should_panic(expected = "past 3")]
-    fn shared_buffers_are_bounds_checked_in_release() {
+    fn shared_buffer_accessors_are_bounds_checked_in_debug_builds() {
         // A view of 3 inside a buffer of 4, so an unchecked write stays inside the allocation.
-        let mut v = vec![0f32; 4];
+        let mut v = [0f32; 4];
         let s = Shared::new(&mut v[..3]);
         // SAFETY: single-threaded; index 3 is past the view and must panic before writing.
         unsafe { s.write(3, 1.0) };
