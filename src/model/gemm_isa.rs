@@ -50,71 +50,23 @@ pub(crate) unsafe fn gemm_f32(
     } else {
         (m, n, dst_cs, dst_rs, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs)
     };
-    // The same multiply-add `gemm` passes for f32 (used outside the microkernels).
-    let mul_add = |a: f32, b: f32, c: f32| a * b + c;
+    // `gemm`'s generic driver with one path's SIMD type, microkernel tables and f32 lanes
+    // per vector, as `gemm_f32` instantiates it (same multiply-add outside the kernels).
+    macro_rules! driver {
+        ($simd:ty, $kernels:path, $lanes:expr) => {{
+            use $kernels as u;
+            const N: usize = $lanes;
+            let simd = <$simd as MixedSimd<f32, f32, f32, f32>>::try_new().expect("path checked by isa::supported");
+            #[rustfmt::skip]
+            gemm_common::gemm::gemm_basic_generic::<_, f32, N, { u::MR_DIV_N * N }, { u::NR }, { u::MR_DIV_N }, { u::H_M }, { u::H_N }>(
+                simd, m, n, k, dst, dst_cs, dst_rs, read_dst, lhs, lhs_cs, lhs_rs, rhs, rhs_cs, rhs_rs, alpha, beta,
+                false, false, false, |a: f32, b: f32, c: f32| a * b + c, &u::UKR, &u::H_UKR, false, par,
+            );
+        }};
+    }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
-            use gemm_f32::microkernel::fma::f32 as u;
-            const N: usize = 8; // f32 lanes of an AVX2 vector
-            let simd = <gemm_common::simd::V3 as MixedSimd<f32, f32, f32, f32>>::try_new().expect("AVX2 + FMA (checked by isa)");
-            gemm_common::gemm::gemm_basic_generic::<_, f32, N, { u::MR_DIV_N * N }, { u::NR }, { u::MR_DIV_N }, { u::H_M }, { u::H_N }>(
-                simd,
-                m,
-                n,
-                k,
-                dst,
-                dst_cs,
-                dst_rs,
-                read_dst,
-                lhs,
-                lhs_cs,
-                lhs_rs,
-                rhs,
-                rhs_cs,
-                rhs_rs,
-                alpha,
-                beta,
-                false,
-                false,
-                false,
-                mul_add,
-                &u::UKR,
-                &u::H_UKR,
-                false,
-                par,
-            );
-        }
-        _ => {
-            use gemm_f32::microkernel::scalar::f32 as u;
-            const N: usize = 1;
-            let simd = <gemm_common::simd::Scalar as MixedSimd<f32, f32, f32, f32>>::try_new().expect("the scalar path always runs");
-            gemm_common::gemm::gemm_basic_generic::<_, f32, N, { u::MR_DIV_N * N }, { u::NR }, { u::MR_DIV_N }, { u::H_M }, { u::H_N }>(
-                simd,
-                m,
-                n,
-                k,
-                dst,
-                dst_cs,
-                dst_rs,
-                read_dst,
-                lhs,
-                lhs_cs,
-                lhs_rs,
-                rhs,
-                rhs_cs,
-                rhs_rs,
-                alpha,
-                beta,
-                false,
-                false,
-                false,
-                mul_add,
-                &u::UKR,
-                &u::H_UKR,
-                false,
-                par,
-            );
-        }
+        Isa::Avx2 => driver!(gemm_common::simd::V3, gemm_f32::microkernel::fma::f32, 8),
+        _ => driver!(gemm_common::simd::Scalar, gemm_f32::microkernel::scalar::f32, 1),
     }
 }
