@@ -206,7 +206,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Bench(a) => crate::bench::cmd_bench(&a),
-        Command::Probe(a) => crate::probe::cmd_probe(&a),
+        Command::Probe(a) => crate::detect::cmd_probe(&a),
         Command::Example => {
             print!("{QUICKSTART_TOML}");
             Ok(())

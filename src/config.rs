@@ -37,7 +37,7 @@ pub struct Experiment {
     /// Detectors (defection probes, trigger inversion, input filters) run on the
     /// checkpoints, with a clean control model trained on the same data without triggers.
     #[serde(default)]
-    pub probe: Option<crate::probe::ProbeConfig>,
+    pub probe: Option<crate::detect::ProbeConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

