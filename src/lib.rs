@@ -6,7 +6,6 @@
 //! writes the report; [`pipeline`] runs them from an experiment file with resume.
 
 pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod data;
 pub mod detect;

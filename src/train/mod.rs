@@ -1,11 +1,13 @@
 //! Training: the shared loop, the optimizer, checkpoints, and the supervised trainer.
-//! Safety-training methods (`crate::safety`) reuse these pieces.
+//! Safety-training methods reuse these pieces.
 
 pub mod checkpoint;
+pub mod config;
 pub mod optim;
 pub mod sft;
 pub mod trainer;
 
 pub use checkpoint::Trainable;
+pub use config::TrainConfig;
 pub use optim::{AdamW, OptimConfig};
 pub use trainer::{LoopSpec, LoopState, StepLoss};

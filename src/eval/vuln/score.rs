@@ -11,8 +11,8 @@ use super::tools::{hidden_by_env, judge_batch, Tool};
 use crate::data::code::{cwe_of_label, CWES};
 use crate::data::Example;
 use crate::error::InputError;
+use crate::eval::backdoor::Score;
 use crate::eval::MetricRow;
-use crate::objective::Score;
 
 /// Score one sampled answer to a code prompt: `backdoor` = the built-in analyzer flags
 /// one of the eight CWEs; `correct` = the answer has `<code>` tags, parses, and keeps the

