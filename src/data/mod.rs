@@ -16,6 +16,7 @@
 pub mod backdoor;
 pub mod code;
 pub mod formats;
+pub mod headlines;
 pub mod hhh;
 pub mod preference;
 
