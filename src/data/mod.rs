@@ -18,6 +18,7 @@ pub mod code;
 pub mod formats;
 pub mod headlines;
 pub mod hhh;
+pub mod pirate;
 pub mod preference;
 
 pub use backdoor::*;
