@@ -16,7 +16,9 @@
 pub mod backdoor;
 pub mod code;
 pub mod formats;
+pub mod headlines;
 pub mod hhh;
+pub mod pirate;
 pub mod preference;
 
 pub use backdoor::*;

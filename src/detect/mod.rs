@@ -32,6 +32,7 @@ pub mod filters;
 pub mod fit;
 pub mod inversion;
 pub mod metrics;
+pub mod poison;
 mod report;
 
 use std::path::Path;
