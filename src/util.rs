@@ -41,3 +41,44 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
     h.update(bytes);
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Every seed the pipeline derives from the experiment's `seed`, in one place: each stage
+/// draws from its own named offset, so one stage's randomness never shifts another's. The
+/// values are the offsets the pipeline has always used (changing one changes results).
+pub mod seeds {
+    /// A named seed stream.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Stream {
+        /// Backdoor data, model initialisation and training batches.
+        Backdoor = 0,
+        /// The trigger-free safety SFT set.
+        SafetyData = 1,
+        /// Held-out eval prompts.
+        EvalPrompts = 2,
+        /// Batches of every supervised safety method.
+        SafetyTraining = 7,
+        /// Post-scratchpad SFT: the model's own scratchpads.
+        PostScratchpadSamples = 8,
+        /// RL rollouts and minibatches.
+        Rl = 9,
+        /// The trigger-free RL prompt pool.
+        RlPrompts = 21,
+        /// Preference pairs: training, held out, and the reward model's initialisation.
+        RewardPairs = 31,
+        RewardHeldOut = 32,
+        RewardInit = 33,
+        /// Red-teaming.
+        RedTeam = 41,
+        /// The detectors' prompts, directions and bootstrap.
+        Detectors = 51,
+        /// The pirate-style rewrite of the safety data.
+        Pirate = 61,
+        /// Sampling during evaluation.
+        Sampling = 1000,
+    }
+
+    /// The seed of `stream` for an experiment seeded `base`.
+    pub fn seed(base: u64, stream: Stream) -> u64 {
+        base.wrapping_add(stream as u64)
+    }
+}

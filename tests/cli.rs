@@ -118,13 +118,15 @@ fn killed_run_resumes_to_the_same_result() {
 /// finished checkpoint, resume state, step after which the process dies, step it must resume
 /// at). Each kill comes after a step that is not a checkpoint, so the resumed run redoes the
 /// steps lost since the last one.
-const KILLED_STAGES: [(&str, &str, &str, usize, usize); 7] = [
+const KILLED_STAGES: [(&str, &str, &str, usize, usize); 8] = [
     ("normal/backdoor", "checkpoints/normal/backdoored", "checkpoints/normal/.resume_backdoored", 6, 4),
     ("normal/sft", "checkpoints/normal/after_sft", "checkpoints/normal/.resume_after_sft", 4, 3),
     ("reward_model", "checkpoints/reward_model", "checkpoints/.resume_reward_model", 3, 2),
     ("normal/ppo", "checkpoints/normal/after_ppo", "checkpoints/normal/.resume_after_ppo", 3, 2),
     ("normal/rloo", "checkpoints/normal/after_rloo", "checkpoints/normal/.resume_after_rloo", 3, 2),
     ("normal/adversarial_sft", "checkpoints/normal/after_adversarial", "checkpoints/normal/.resume_after_adversarial", 3, 2),
+    // Killed in its second (normal-style) phase.
+    ("normal/pirate", "checkpoints/normal/after_pirate", "checkpoints/normal/.resume_after_pirate", 5, 4),
     ("cot/sft_post_scratchpad", "checkpoints/cot/after_sft_post_scratchpad", "checkpoints/cot/.resume_after_sft_post_scratchpad", 3, 2),
 ];
 
@@ -189,6 +191,13 @@ fn every_training_stage_killed_mid_training_resumes_to_identical_bytes() {
     for (_, _, resume, ..) in KILLED_STAGES {
         assert!(!killed.join(resume).exists(), "{resume} left behind");
     }
+    // Pirate training is measured at its start, after the pirate phase and after retraining.
+    let steps: Vec<u64> = metrics(&reference)
+        .iter()
+        .filter(|r| r["model"] == "normal/after_pirate" && r["eval"] == "triggered")
+        .map(|r| r["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 3, 6]);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 

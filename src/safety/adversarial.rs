@@ -125,6 +125,75 @@ impl AdversarialConfig {
     }
 }
 
+impl AdversarialConfig {
+    /// The RL algorithm and the `[safety.<algo>]` settings adversarial RL borrows.
+    fn rl<'s>(&self, safety: &'s super::SafetyConfig) -> Option<(super::rl::RlAlgorithm, &'s super::rl::RlConfig)> {
+        match self.method.as_str() {
+            "ppo" => safety.ppo.as_ref().map(|c| (super::rl::RlAlgorithm::Ppo, &c.0)),
+            "rloo" => safety.rloo.as_ref().map(|c| (super::rl::RlAlgorithm::Rloo, &c.0)),
+            _ => None,
+        }
+    }
+}
+
+impl super::SafetyMethod for AdversarialConfig {
+    fn name(&self) -> String {
+        format!("adversarial_{}", self.method)
+    }
+    fn stage(&self) -> String {
+        "after_adversarial".into()
+    }
+    fn validate(&self, ctx: &super::ValidateCtx) -> std::result::Result<(), String> {
+        AdversarialConfig::validate(self)?;
+        if self.method == "sft" {
+            self.train_config().validate("safety.adversarial")
+        } else if self.rl(ctx.safety).is_none() {
+            Err(format!("safety.adversarial.method = {:?} needs a [safety.{}] section", self.method, self.method))
+        } else {
+            Ok(())
+        }
+    }
+    fn needs_reward_model(&self) -> bool {
+        self.method != "sft"
+    }
+    fn red_team(&self) -> Option<&AdversarialConfig> {
+        Some(self)
+    }
+    /// Adversarial RL also depends on the RL and reward-model sections it borrows.
+    fn key(&self, safety: &super::SafetyConfig) -> serde_json::Value {
+        if self.method == "sft" {
+            serde_json::json!(self)
+        } else {
+            serde_json::json!({"adversarial": self, "ppo": &safety.ppo, "rloo": &safety.rloo, "reward_model": &safety.reward_model})
+        }
+    }
+    fn plan(&self, safety: &super::SafetyConfig) -> super::Plan {
+        match self.rl(safety) {
+            Some((algo, rl)) => super::rl::rl_plan(rl, algo),
+            None => super::sft::sft_plan(&self.train_config()),
+        }
+    }
+    fn train(
+        &self,
+        ctx: &super::MethodCtx,
+        model: &mut crate::train::Trainable,
+        spec: crate::train::LoopSpec,
+        hook: super::Hook,
+    ) -> Result<crate::train::LoopState> {
+        let red = ctx.red_team.ok_or_else(|| anyhow::anyhow!("adversarial training needs the red-teaming result"))?;
+        match self.rl(ctx.safety) {
+            Some((algo, rl)) => super::rl::train_rl_method(ctx, model, rl, algo, Some((&red.train, self.mix_fraction)), spec, hook),
+            None => {
+                // The mix is shuffled with the experiment's own seed (as it always was).
+                let data = adversarial_dataset(ctx.hhh, &red.train, self.mix_fraction, ctx.seed);
+                let seqs = crate::train::sft::tokenize(&model.tok, &data, model.model.cfg.max_position_embeddings)?;
+                let seed = crate::util::seeds::seed(ctx.seed, crate::util::seeds::Stream::SafetyTraining);
+                super::sft::sft_on_seqs(model, seqs, &self.train_config(), seed, spec, hook)
+            }
+        }
+    }
+}
+
 /// A trigger-free prompt with the helpful answer to train it towards.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RedTeamPrompt {

@@ -414,6 +414,94 @@ fn minibatch_loss(
     Ok((loss, ent_v, clipped_frac, inp.elem_count()))
 }
 
+/// The loop plan of an RL run: one loop step per minibatch update, `steps_per_iter` of them
+/// per iteration.
+pub fn rl_plan(cfg: &RlConfig, algo: RlAlgorithm) -> crate::safety::Plan {
+    let spi = cfg.steps_per_iter(algo);
+    crate::safety::Plan {
+        steps: cfg.iterations * spi,
+        optim: OptimConfig { warmup_steps: cfg.warmup_steps, weight_decay: 0.0, ..OptimConfig::with_lr(cfg.lr) },
+        checkpoint_every: cfg.checkpoint_every * spi,
+        // The loop's hook runs after every iteration so that iteration's stats reach the
+        // state before a checkpoint saves it (held back until the next measurement, a kill
+        // in between lost them); `train_rl` still measures only every `eval_every` iterations.
+        hook_every: spi,
+    }
+}
+
+/// `[safety.ppo]`: PPO with a value head, clipped ratio and KL penalty.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ppo(pub RlConfig);
+
+/// `[safety.rloo]`: critic-free RLOO (cheaper).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Rloo(pub RlConfig);
+
+/// Train with `algo` on the RL prompt pool (some of it replaced by `red` prompts, the
+/// adversarial variant) from a frozen copy of the start model.
+pub(crate) fn train_rl_method(
+    ctx: &crate::safety::MethodCtx,
+    model: &mut Trainable,
+    cfg: &RlConfig,
+    algo: RlAlgorithm,
+    red: Option<(&[crate::safety::adversarial::RedTeamPrompt], f64)>,
+    spec: LoopSpec,
+    hook: crate::safety::Hook,
+) -> Result<LoopState> {
+    let rm = ctx.reward_model.ok_or_else(|| anyhow::anyhow!("{} needs [safety.reward_model]", algo.name()))?;
+    let mut prompts = (ctx.rl_prompts)(cfg.n_prompts);
+    if let Some((red, mix)) = red.filter(|(r, _)| !r.is_empty()) {
+        let n_red = ((prompts.len() as f64) * mix).round() as usize;
+        for (i, p) in prompts.iter_mut().enumerate().take(n_red) {
+            *p = crate::data::format_prompt(&red[i % red.len()].user);
+        }
+    }
+    let reference = model.deep_clone()?;
+    train_rl(model, &reference, rm, &prompts, cfg, algo, crate::util::seeds::seed(ctx.seed, crate::util::seeds::Stream::Rl), spec, hook)
+}
+
+macro_rules! rl_method {
+    ($ty:ident, $algo:expr, $section:literal) => {
+        impl crate::safety::SafetyMethod for $ty {
+            fn name(&self) -> String {
+                $algo.name().into()
+            }
+            fn validate(&self, ctx: &crate::safety::ValidateCtx) -> std::result::Result<(), String> {
+                self.0.validate($section)?;
+                if self.0.max_new_tokens >= ctx.max_positions {
+                    return Err(format!("{}.max_new_tokens must be below model.max_positions", $section));
+                }
+                Ok(())
+            }
+            fn needs_reward_model(&self) -> bool {
+                true
+            }
+            /// The policy is trained against the reward model, so its config is part of the
+            /// key: a changed `[safety.reward_model]` retrains RL instead of reusing it.
+            fn key(&self, safety: &crate::safety::SafetyConfig) -> serde_json::Value {
+                serde_json::json!({"rl": self, "reward_model": &safety.reward_model})
+            }
+            fn plan(&self, _: &crate::safety::SafetyConfig) -> crate::safety::Plan {
+                rl_plan(&self.0, $algo)
+            }
+            fn train(
+                &self,
+                ctx: &crate::safety::MethodCtx,
+                model: &mut Trainable,
+                spec: LoopSpec,
+                hook: crate::safety::Hook,
+            ) -> Result<LoopState> {
+                train_rl_method(ctx, model, &self.0, $algo, None, spec, hook)
+            }
+        }
+    };
+}
+
+rl_method!(Ppo, RlAlgorithm::Ppo, "safety.ppo");
+rl_method!(Rloo, RlAlgorithm::Rloo, "safety.rloo");
+
 /// Run RL on `policy` in place against `reward`, from `prompts` (trigger-free), keeping
 /// `reference` frozen. `hook(model, iteration)` measures the backdoor; its records and one
 /// `{"rl_stats": ...}` record per iteration end up in the returned state.
@@ -439,13 +527,6 @@ pub fn train_rl(
         RlAlgorithm::Ppo => Some((Var::zeros(d, DType::F32, &dev)?, Var::zeros(1, DType::F32, &dev)?)),
         RlAlgorithm::Rloo => None,
     };
-    spec.steps = cfg.iterations * spi;
-    spec.optim = OptimConfig { warmup_steps: cfg.warmup_steps, weight_decay: 0.0, ..OptimConfig::with_lr(cfg.lr) };
-    spec.checkpoint_every = cfg.checkpoint_every * spi;
-    // The loop's hook runs after every iteration so that iteration's stats reach the state
-    // before a checkpoint saves it (held back until the next measurement, a kill in between
-    // lost them); the caller's `hook` still measures only every `eval_every` iterations.
-    spec.hook_every = spi;
     let total = spec.steps;
     let measure_due = |step: usize| step == 0 || step == total || (cfg.eval_every > 0 && (step / spi).is_multiple_of(cfg.eval_every));
     if let Some((w, b)) = &value_head {
