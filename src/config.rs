@@ -45,6 +45,10 @@ pub struct Experiment {
     /// checkpoints, with a clean control model trained on the same data without triggers.
     #[serde(default)]
     pub probe: Option<crate::detect::ProbeConfig>,
+    /// Further detectors run on every backdoored checkpoint (`[detect.<name>]`, e.g.
+    /// `[detect.poison_scan]`, the data-side detector).
+    #[serde(default)]
+    pub detect: crate::detect::registry::DetectConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -204,6 +208,9 @@ impl Experiment {
         self.safety.validate(d.n_hhh, self.model.max_positions)?;
         if let Some(p) = &self.probe {
             p.validate().map_err(|e| format!("probe: {e}"))?;
+        }
+        for d in self.detect.detectors() {
+            d.validate()?;
         }
         if !self.objectives.is_empty() && self.objective != crate::objective::ObjectiveConfig::default() {
             return Err("give either `objective` or `[objectives.<label>]` tables, not both".into());

