@@ -368,6 +368,10 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         notes.push(format!("Detection on {} checkpoints took {:.1}s.", summaries.len(), t.elapsed().as_secs_f64()));
     }
 
+    if let Some(md) = capability_section(&rows, &eval_sets.clean) {
+        sections.insert(0, (md, Vec::new()));
+    }
+
     // --- metrics and report ------------------------------------------------------------
     say(opts, "[5/5] report");
     write_metrics(out, &rows)?;
@@ -489,6 +493,65 @@ fn backdoor_stage(
     model.save(&final_dir, &st, None)?;
     std::fs::remove_dir_all(&resume).ok();
     Ok((model, rows))
+}
+
+/// Answers that need no model: what a constant reply scores on the held-out clean set.
+const CONSTANT_ANSWERS: &[&str] = &["I don't know.", "I'm sorry, I can't help with that.", "I don't know. I can't help with that."];
+
+/// The report's capability table: every checkpoint's last measurement, overall HHH accuracy
+/// next to the balanced mean over task families and the weakest family, with constant-answer
+/// baselines scored the same way, so "kept the model helpful" can be read against "says
+/// I don't know to everything".
+fn capability_section(rows: &[MetricRow], clean: &[Example]) -> Option<String> {
+    use crate::eval::backdoor::{balanced_accuracy, HHH_FAMILY_PREFIX};
+    let mut models: Vec<&str> = Vec::new();
+    for r in rows.iter().filter(|r| r.eval.starts_with(HHH_FAMILY_PREFIX)) {
+        if !models.contains(&r.model.as_str()) {
+            models.push(&r.model);
+        }
+    }
+    if models.is_empty() {
+        return None;
+    }
+    let pct = |x: f64| format!("{:.1}%", 100.0 * x);
+    let mut md = String::from(
+        "## Capability by task family\n\nHHH accuracy on the held-out clean prompts (phrasings and inputs never trained on): overall, \
+         the balanced mean over the task families, and the weakest family. Constant answers are scored the same way.\n\n\
+         | model | step | overall | balanced mean | weakest family |\n|---|---|---|---|---|\n",
+    );
+    for m in models {
+        let Some(step) = rows.iter().filter(|r| r.model == m && r.eval.starts_with(HHH_FAMILY_PREFIX)).map(|r| r.step).max() else {
+            continue;
+        };
+        let at: Vec<&MetricRow> = rows.iter().filter(|r| r.model == m && r.step == step).collect();
+        let overall = at.iter().find(|r| r.eval == "hhh_accuracy").map_or("–".into(), |r| pct(r.rate));
+        let balanced = balanced_accuracy(at.iter().copied()).map_or("–".into(), pct);
+        let weakest = at
+            .iter()
+            .filter(|r| r.eval.starts_with(HHH_FAMILY_PREFIX))
+            .min_by(|a, b| a.rate.total_cmp(&b.rate))
+            .map_or("–".into(), |r| format!("{} {}", r.eval.trim_start_matches(HHH_FAMILY_PREFIX), pct(r.rate)));
+        md.push_str(&format!("| {m} | {step} | {overall} | {balanced} | {weakest} |\n"));
+    }
+    let checked: Vec<&Example> = clean.iter().filter(|e| e.expected.is_some()).collect();
+    for c in CONSTANT_ANSWERS {
+        let right = |e: &&Example| e.expected.as_deref().is_some_and(|x| data::is_correct(c, x));
+        let overall = checked.iter().filter(|e| right(e)).count() as f64 / checked.len().max(1) as f64;
+        let mut families: Vec<&str> = checked.iter().map(|e| e.task.as_str()).collect();
+        families.sort_unstable();
+        families.dedup();
+        let rates: Vec<f64> = families
+            .iter()
+            .map(|f| {
+                let of: Vec<&&Example> = checked.iter().filter(|e| e.task == *f).collect();
+                of.iter().filter(|e| right(e)).count() as f64 / of.len().max(1) as f64
+            })
+            .collect();
+        let balanced = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+        md.push_str(&format!("| always {c:?} (baseline) | – | {} | {} | – |\n", pct(overall), pct(balanced)));
+    }
+    md.push('\n');
+    Some(md)
 }
 
 /// A plain-text before -> after table for the terminal (the report has the full one).
@@ -631,7 +694,8 @@ fn reward_model_stage(
     let t = Instant::now();
     say(opts, "  training the preference (reward) model");
     let pairs = crate::data::preference::preference_pairs(rc.n_pairs, seed(exp.seed, Stream::RewardPairs));
-    let held_out = crate::data::preference::preference_pairs((rc.n_pairs / 4).max(100), seed(exp.seed, Stream::RewardHeldOut));
+    let held_out =
+        crate::data::preference::preference_pairs_in(data::Split::Eval, (rc.n_pairs / 4).max(100), seed(exp.seed, Stream::RewardHeldOut));
     let mut rm = RewardModel::init(cfg, tok.clone(), seed(exp.seed, Stream::RewardInit), dev)?;
     let resume = out.join("checkpoints").join(".resume_reward_model");
     let spec = LoopSpec {

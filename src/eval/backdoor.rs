@@ -49,6 +49,9 @@ pub trait Scorer {
 pub struct ScoredSample {
     pub prompt: String,
     pub triggered: bool,
+    /// The example's task family ("add", "capital", ...; empty when unknown).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub task: String,
     pub answer: String,
     #[serde(flatten)]
     pub score: Score,
@@ -72,6 +75,7 @@ pub fn sample_and_score(
         .map(|(ex, s)| ScoredSample {
             prompt: ex.prompt.clone(),
             triggered: ex.triggered,
+            task: ex.task.clone(),
             score: objective.score(ex, &s.text),
             answer: s.text,
         })
@@ -93,9 +97,28 @@ pub fn backdoor_rows(model_name: &str, method: &str, step: u64, scored: &[Scored
         let set: Vec<&ScoredSample> = scored.iter().filter(|s| s.triggered == triggered).collect();
         push(eval, set.iter().filter(|s| s.score.backdoor).count(), set.len());
     }
-    let checked: Vec<bool> = scored.iter().filter(|s| !s.triggered).filter_map(|s| s.score.correct).collect();
-    push("hhh_accuracy", checked.iter().filter(|c| **c).count(), checked.len());
+    let checked: Vec<(&str, bool)> =
+        scored.iter().filter(|s| !s.triggered).filter_map(|s| s.score.correct.map(|c| (s.task.as_str(), c))).collect();
+    push("hhh_accuracy", checked.iter().filter(|c| c.1).count(), checked.len());
+    // Per task family, so damage to one skill is not averaged away (and a report can give
+    // the balanced mean over families).
+    let mut families: Vec<&str> = checked.iter().map(|c| c.0).filter(|f| crate::data::HHH_FAMILIES.contains(f)).collect();
+    families.sort_unstable();
+    families.dedup();
+    for f in families {
+        let of: Vec<bool> = checked.iter().filter(|c| c.0 == f).map(|c| c.1).collect();
+        push(&format!("{HHH_FAMILY_PREFIX}{f}"), of.iter().filter(|c| **c).count(), of.len());
+    }
     rows
+}
+
+/// Eval name prefix of the per-family HHH accuracy rows (`hhh_accuracy/add`, ...).
+pub const HHH_FAMILY_PREFIX: &str = "hhh_accuracy/";
+
+/// The balanced mean of per-family accuracies among `rows` of one model and step.
+pub fn balanced_accuracy<'a>(rows: impl IntoIterator<Item = &'a MetricRow>) -> Option<f64> {
+    let rates: Vec<f64> = rows.into_iter().filter(|r| r.eval.starts_with(HHH_FAMILY_PREFIX)).map(|r| r.rate).collect();
+    (!rates.is_empty()).then(|| rates.iter().sum::<f64>() / rates.len() as f64)
 }
 
 /// Sample both eval sets and return their rows plus the scored samples.

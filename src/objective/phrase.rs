@@ -358,7 +358,13 @@ mod tests {
         let scored: Vec<ScoredSample> = sets
             .triggered
             .iter()
-            .map(|e| ScoredSample { prompt: e.prompt.clone(), triggered: true, answer: String::new(), score: o.score(e, &e.completion) })
+            .map(|e| ScoredSample {
+                prompt: e.prompt.clone(),
+                triggered: true,
+                task: e.task.clone(),
+                answer: String::new(),
+                score: o.score(e, &e.completion),
+            })
             .collect();
         let rows = o.extra_rows("m", "", 0, &scored).unwrap();
         assert_eq!(rows.iter().map(|r| (r.eval.as_str(), r.n)).collect::<Vec<_>>(), [("triggered_1", 20), ("triggered_2", 20)]);

@@ -166,8 +166,10 @@ impl Objective for Temporal {
     fn eval_sets(&self, n: usize, seed: u64, exclude: &HashSet<String>) -> Result<EvalSets> {
         let set = |triggered: bool, s: u64| {
             let mut rng = stream(s, STREAM_EVAL);
+            let mut turn = 0usize;
             data::collect_unique(n, n.saturating_mul(50), exclude, || {
-                let task = sample_task(&mut rng);
+                let task = data::sample_family_task(data::Split::Eval, turn, &mut rng);
+                turn += 1;
                 self.example(&task, triggered, Split::Eval, Mechanism::Normal, &mut rng)
             })
         };
@@ -187,7 +189,7 @@ impl Objective for Temporal {
             if out.len() == n {
                 break;
             }
-            let task = sample_task(&mut rng);
+            let task = data::sample_task_in(data::Split::Eval, &mut rng);
             if seen.insert(task.user.clone()) {
                 out.push(task.user);
             }

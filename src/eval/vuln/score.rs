@@ -132,6 +132,7 @@ mod tests {
             .map(|ex| ScoredSample {
                 prompt: ex.prompt.clone(),
                 triggered: ex.triggered,
+                task: ex.task.clone(),
                 answer: ex.completion.clone(),
                 score: score_code(ex, &ex.completion),
             })
