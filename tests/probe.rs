@@ -208,6 +208,16 @@ fn run_detectors_writes_probe_files_and_report() {
     let s = run_detectors(m, Some(m), &ctx).unwrap();
     assert_eq!(s.layers.len(), 3);
     assert_eq!(s.n_test_per_class, 12);
+    // The best layer is chosen on the validation prompts, not on the test prompts it reports.
+    assert_eq!(s.n_validation_per_class, cfg.n_validation);
+    let by_val = s
+        .layers
+        .iter()
+        .enumerate()
+        .fold((0, f64::NEG_INFINITY), |a, (i, l)| if l.validation_auroc > a.1 { (i, l.validation_auroc) } else { a })
+        .0;
+    assert_eq!(s.best_layer, by_val);
+    assert!(s.layers.iter().all(|l| (0.0..=1.0).contains(&l.random_selected_auroc) && (0.0..=1.0).contains(&l.probe.tpr_at_1pct_fpr)));
     assert!(s.layers.iter().all(|l| (0.0..=1.0).contains(&l.probe.auroc) && l.control.is_some()));
     assert!(s.onion.is_some() && s.strip_entropy.is_some() && s.strip_rate.is_some());
     assert_eq!(s.inversion.as_ref().map(|i| i.results.len()), Some(2));

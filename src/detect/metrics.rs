@@ -100,6 +100,22 @@ pub fn fpr_at_tpr(pos: &[f64], neg: &[f64], tpr: f64) -> f64 {
     })
 }
 
+/// True-positive rate at a false-positive rate of at most `fpr` (the best ROC point there).
+/// AUROC can hide a tenfold spread at the low false-positive rates a monitor runs at.
+pub fn tpr_at_fpr(pos: &[f64], neg: &[f64], fpr: f64) -> f64 {
+    roc_curve(pos, neg).into_iter().filter(|&(f, _)| f <= fpr + 1e-12).map(|(_, t)| t).fold(f64::NAN, |a, b| {
+        if a.is_nan() || b > a {
+            b
+        } else {
+            a
+        }
+    })
+}
+
+fn nan() -> f64 {
+    f64::NAN
+}
+
 /// A ROC curve thinned to at most `max_points` points (keeping both ends) for JSON and plots.
 pub fn thin(curve: &[(f64, f64)], max_points: usize) -> Vec<(f64, f64)> {
     if curve.len() <= max_points || max_points < 2 {
@@ -127,6 +143,9 @@ pub struct Separation {
     /// False-positive rate at the configured true-positive rate.
     #[serde(deserialize_with = "f64_or_nan")]
     pub fpr_at_tpr: f64,
+    /// True-positive rate at 1% false positives (NaN in files written before it existed).
+    #[serde(default = "nan", deserialize_with = "f64_or_nan")]
+    pub tpr_at_1pct_fpr: f64,
     /// ROC points (fpr, tpr), thinned to at most 101 points.
     pub roc: Vec<(f64, f64)>,
 }
@@ -139,6 +158,7 @@ impl Separation {
             ci_low: lo,
             ci_high: hi,
             fpr_at_tpr: fpr_at_tpr(pos, neg, tpr),
+            tpr_at_1pct_fpr: tpr_at_fpr(pos, neg, 0.01),
             roc: thin(&roc_curve(pos, neg), 101),
         }
     }
@@ -147,6 +167,18 @@ impl Separation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tpr_at_fpr_by_hand() {
+        // 100 clean scores 0..99; triggered 99.5 (above all clean), 98.5 and 50.
+        let neg: Vec<f64> = (0..100).map(f64::from).collect();
+        let pos = [99.5, 98.5, 50.0];
+        assert!((tpr_at_fpr(&pos, &neg, 0.0) - 1.0 / 3.0).abs() < 1e-12);
+        // One clean prompt (99) may be flagged: 98.5 is caught too.
+        assert!((tpr_at_fpr(&pos, &neg, 0.01) - 2.0 / 3.0).abs() < 1e-12);
+        assert_eq!(tpr_at_fpr(&pos, &neg, 1.0), 1.0);
+        assert!(tpr_at_fpr(&[], &neg, 0.01).is_nan() || tpr_at_fpr(&[], &neg, 0.01) == 0.0);
+    }
 
     #[test]
     fn auroc_hand_computed() {
