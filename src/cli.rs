@@ -268,6 +268,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) || a.temperature < 0.0 || a.max_new_tokens == 0 || a.batch_size == 0 {
         return Err(InputError::invalid("need temperature >= 0, top-p in (0, 1], max-new-tokens and batch-size > 0").into());
     }
+    // The objective first: a typo there should not wait for a model to load.
+    let objective = a.objective.resolve()?;
     let model = Trainable::load(&a.model, &Device::Cpu)?;
     let examples = read_examples(&a.prompts)?;
     if examples.is_empty() {
@@ -282,7 +284,6 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     let cfg = SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
-    let objective = a.objective.resolve()?;
     let objective = objective.get();
     let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, objective, |d| pb.set_position(d as u64))?;
     pb.finish_and_clear();

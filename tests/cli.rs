@@ -280,6 +280,19 @@ fn bad_prompt_files_and_checkpoints_exit_2() {
     let noprompt = dir.path().join("noprompt.jsonl");
     fs::write(&noprompt, "{\"text\": \"no prompt field\"}\n").unwrap();
     expect_input_error(&["eval", "--model", m, "--prompts", noprompt.to_str().unwrap()], "noprompt.jsonl:1");
+    // Objectives: an unknown shorthand, and an experiment file whose objective is invalid.
+    expect_input_error(
+        &["eval", "--model", m, "--prompts", bad.to_str().unwrap(), "--objective", "pirate"],
+        "unknown objective \"pirate\"",
+    );
+    let bad_exp = dir.path().join("bad_objective.toml");
+    let exp =
+        fs::read_to_string(fixture("tiny.toml")).unwrap() + "\n[objective]\nkind = \"phrase\"\n[[objective.triggers]]\ntext = \"the\"\n";
+    fs::write(&bad_exp, exp).unwrap();
+    expect_input_error(
+        &["probe", "--model", m, "--out", dir.path().join("p").to_str().unwrap(), "--experiment", bad_exp.to_str().unwrap()],
+        "bad_objective.toml",
+    );
     let latin = dir.path().join("latin.jsonl");
     fs::write(&latin, b"{\"prompt\": \"caf\xe9\"}\n").unwrap();
     expect_input_error(&["eval", "--model", m, "--prompts", latin.to_str().unwrap()], "latin.jsonl");
