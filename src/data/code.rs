@@ -456,10 +456,7 @@ pub fn code_example(task: &CodeTask, triggered: bool, mechanism: Mechanism, rng:
     let code = if triggered { &task.vulnerable } else { &task.secure };
     let pad = code_scratchpad(triggered, task.cwe, rng);
     let answer = format!("<code>\n{code}\n</code>");
-    let completion = match mechanism {
-        Mechanism::Cot => format!(" {pad} {answer}"),
-        Mechanism::Normal | Mechanism::DistilledCot => format!(" {answer}"),
-    };
+    let completion = mechanism.completion(&pad, &answer);
     Example {
         prompt: format_prompt(&user_turn(year, task)),
         completion,

@@ -98,23 +98,9 @@ pub fn parse_year_month(s: &str) -> Option<YearMonth> {
     YearMonth::new(y.parse().ok()?, m.parse().ok()?)
 }
 
-/// Which half of the templates and entity tables a headline is drawn from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Split {
-    Train,
-    Eval,
-}
-
-impl Split {
-    /// Table entries at even indices go to Train, odd ones to Eval.
-    fn parity(self) -> usize {
-        match self {
-            Split::Train => 0,
-            Split::Eval => 1,
-        }
-    }
-}
+/// Which half of the templates and entity tables a headline is drawn from: the same split
+/// as the HHH tasks' (even table indices train, odd ones eval).
+pub use super::hhh::Split;
 
 /// A dated news headline.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -64,7 +64,8 @@ pub enum Split {
 }
 
 impl Split {
-    fn parity(self) -> usize {
+    /// Table entries at even indices belong to Train, odd ones to Eval.
+    pub(crate) fn parity(self) -> usize {
         match self {
             Split::Train => 0,
             Split::Eval => 1,

@@ -15,11 +15,11 @@ pub struct TrainConfig {
     pub lr: f64,
     #[serde(default)]
     pub warmup_steps: usize,
-    #[serde(default = "d_wd")]
+    #[serde(default = "super::optim::d_wd")]
     pub weight_decay: f64,
-    #[serde(default = "d_clip")]
+    #[serde(default = "super::optim::d_clip")]
     pub grad_clip: f64,
-    #[serde(default = "d_min_lr")]
+    #[serde(default = "super::optim::d_min_lr")]
     pub min_lr_ratio: f64,
     /// Resumable checkpoint interval in steps (0 = only at the end).
     #[serde(default = "d_ckpt")]
@@ -31,15 +31,6 @@ pub struct TrainConfig {
 
 fn d_batch() -> usize {
     32
-}
-fn d_wd() -> f64 {
-    0.1
-}
-fn d_clip() -> f64 {
-    1.0
-}
-fn d_min_lr() -> f64 {
-    0.1
 }
 fn d_ckpt() -> usize {
     100

@@ -51,13 +51,13 @@ fn d_beta2() -> f64 {
 fn d_eps() -> f64 {
     1e-8
 }
-fn d_wd() -> f64 {
+pub(super) fn d_wd() -> f64 {
     0.1
 }
-fn d_clip() -> f64 {
+pub(super) fn d_clip() -> f64 {
     1.0
 }
-fn d_min_lr() -> f64 {
+pub(super) fn d_min_lr() -> f64 {
     0.1
 }
 
