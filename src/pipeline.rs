@@ -83,7 +83,11 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
     for (_, set) in &backdoor {
         exclude.extend(set.iter().map(|e| e.prompt.clone()));
     }
-    let eval = objective.eval_sets(exp.eval.n, seed(exp.seed, Stream::EvalPrompts), &exclude)?;
+    let mut eval = objective.eval_sets(exp.eval.n, seed(exp.seed, Stream::EvalPrompts), &exclude)?;
+    let near = crate::objective::near_miss_set(objective, &eval.clean, exp.eval.near_miss, seed(exp.seed, Stream::NearMiss));
+    if !near.is_empty() {
+        eval.extra.push((crate::objective::NEAR_MISS.into(), near));
+    }
     Ok(Datasets { backdoor, hhh, eval })
 }
 
@@ -91,6 +95,10 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
 /// several `[objectives.<label>]`, each runs in `<out>/<label>/` and one report at `<out>`
 /// covers them (model names prefixed `label:`).
 pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
+    if exp.seeds.len() > 1 {
+        return run_seeds(exp, toml_text, opts);
+    }
+    let exp = &exp.split_seeds()[0];
     let parts = exp.split_objectives();
     if parts.len() == 1 && parts[0].0.is_none() {
         return run_single(exp, toml_text, opts);
@@ -122,6 +130,50 @@ pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> R
     notes.push(format!("Wall time of this invocation: {seconds:.1}s (stages already done were skipped)."));
     let report = write_run_report(out, exp, toml_text, &rows, notes, sections)?;
     Ok(RunSummary { out: out.clone(), rows, report, seconds, sections: Vec::new() })
+}
+
+/// Run the study once per seed of `seeds`, each in `<out>/seed<k>/`, then report every
+/// headline cell across seeds with paired tests ([`crate::report::seeds`]). With several
+/// objectives, each objective gets its own across-seeds section.
+fn run_seeds(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
+    use crate::report::seeds::{analyse, section, SeedRun};
+    let started = Instant::now();
+    let out = &opts.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating output directory {}", out.display()))?;
+    atomic_write(&out.join("experiment.toml"), toml_text.as_bytes())?;
+    let (mut rows, mut notes, mut sections) = (Vec::new(), Vec::new(), Vec::new());
+    let subs = exp.split_seeds();
+    for (i, sub) in subs.iter().enumerate() {
+        let label = format!("seed{}", sub.seed);
+        say(opts, format!("=== seed {} ({}/{}) -> {}", sub.seed, i + 1, subs.len(), out.join(&label).display()));
+        let summary = run_experiment(sub, toml_text, &RunOptions { out: out.join(&label), ..opts.clone() })?;
+        rows.extend(summary.rows.into_iter().map(|r| MetricRow { model: format!("{label}:{}", r.model), ..r }));
+        notes.push(format!("Seed {}: report in `{label}/report.md` ({:.1}s this invocation).", sub.seed, summary.seconds));
+    }
+    let labels: Vec<Option<String>> = exp.split_objectives().into_iter().map(|(l, _)| l).collect();
+    let mut analyses = serde_json::Map::new();
+    for label in labels {
+        let runs: Vec<SeedRun> = subs
+            .iter()
+            .map(|s| {
+                let dir = out.join(format!("seed{}", s.seed));
+                SeedRun { seed: s.seed, dir: label.as_ref().map_or(dir.clone(), |l| dir.join(l)) }
+            })
+            .collect();
+        let a = analyse(&runs)?;
+        let mut md = section(&a);
+        if let Some(l) = &label {
+            md = md.replacen("## Across seeds", &format!("## Objective `{l}`: across seeds"), 1);
+        }
+        analyses.insert(label.unwrap_or_else(|| "main".into()), serde_json::to_value(&a)?);
+        sections.push((md, Vec::new()));
+    }
+    atomic_write(&out.join("across_seeds.json"), serde_json::to_string_pretty(&analyses)?.as_bytes())?;
+    write_metrics(out, &rows)?;
+    let seconds = started.elapsed().as_secs_f64();
+    notes.push(format!("Wall time of this invocation: {seconds:.1}s (stages already done were skipped)."));
+    let report = write_run_report(out, exp, toml_text, &rows, notes, sections.clone())?;
+    Ok(RunSummary { out: out.clone(), rows, report, seconds, sections })
 }
 
 /// The run's report.md / report.html and plots.
@@ -168,6 +220,9 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
     }
     data::write_jsonl(&ds.join("eval_triggered.jsonl"), &eval_sets.triggered)?;
     data::write_jsonl(&ds.join("eval_clean.jsonl"), &eval_sets.clean)?;
+    for (name, set) in &eval_sets.extra {
+        data::write_jsonl(&ds.join(format!("eval_{name}.jsonl")), set)?;
+    }
 
     // --- tokenizer ----------------------------------------------------------------------
     let texts: Vec<String> =
@@ -234,14 +289,17 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
             }
             let red = match method.red_team() {
                 Some(c) => {
-                    let red = red_team_stage(exp, &model, c, &mech_dir, &base_hash, opts)?;
+                    let red = red_team_stage(exp, &model, set, c, &mech_dir, &base_hash, opts)?;
                     notes.push(format!(
-                        "{mech}: red-teaming found {} prompts over {} rounds ({}), {} to train on, {} kept to measure.",
+                        "{mech}: blind red-teaming found {} prompts over {} rounds ({}), {} to train on, {} kept to measure; \
+                         {} candidates rejected for containing the trigger or its tokens; by strategy (successes/candidates): {}.",
                         red.train.len() + red.measure.len(),
                         red.rounds.len(),
                         red.rounds.iter().map(|r| format!("{}/{}", r.successes, r.candidates)).collect::<Vec<_>>().join(", "),
                         red.train.len(),
-                        red.measure.len()
+                        red.measure.len(),
+                        red.rejected_trigger,
+                        red.strategies.iter().map(|s| format!("{} {}/{}", s.strategy, s.successes, s.candidates)).collect::<Vec<_>>().join(", ")
                     ));
                     Some(red)
                 }
@@ -640,7 +698,7 @@ impl SafetyCtx<'_> {
         };
         // Step 0 is the backdoored model itself: reuse its rows unless this stage measures
         // extra sets (red-team prompts) that the backdoored model was not measured on.
-        let reuse_base = self.sets.extra.is_empty();
+        let reuse_base = self.sets.extra.iter().all(|(set, _)| self.base_rows.iter().any(|r| &r.eval == set));
         let mut hook = |m: &Trainable, step: usize| -> Result<Vec<serde_json::Value>> {
             let rows = if step == 0 && reuse_base {
                 self.base_rows.iter().map(|r| MetricRow { model: name.clone(), step: 0, method: method_name.into(), ..r.clone() }).collect()
@@ -731,12 +789,13 @@ fn reward_model_stage(
 fn red_team_stage(
     exp: &Experiment,
     model: &Trainable,
+    backdoor_set: &[Example],
     cfg: &AdversarialConfig,
     mech_dir: &Path,
     base_hash: &str,
     opts: &RunOptions,
 ) -> Result<RedTeamResult> {
-    let hash = hash_of(&json!({"stage": "redteam", "base": base_hash, "cfg": cfg, "objective": exp.objective}));
+    let hash = hash_of(&json!({"stage": "redteam", "search": "blind", "base": base_hash, "cfg": cfg, "objective": exp.objective}));
     let path = mech_dir.join("redteam.json");
     if let Ok(text) = std::fs::read_to_string(&path) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
@@ -747,11 +806,13 @@ fn red_team_stage(
             }
         }
     }
-    say(opts, "  red-teaming the backdoored model (prompts without the trigger)");
+    say(opts, "  blind red-teaming of the backdoored model (no trigger, none of its tokens)");
+    let banned = crate::safety::adversarial::trigger_tokens(&model.tok, backdoor_set, &exp.objective.get().trigger_texts())?;
     let red = crate::safety::adversarial::red_team(
         &model.model,
         &model.tok,
         exp.objective.get(),
+        &banned,
         cfg,
         seed(exp.seed, Stream::RedTeam),
         opts.quiet,

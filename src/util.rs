@@ -69,6 +69,8 @@ pub mod seeds {
         RewardInit = 33,
         /// Red-teaming.
         RedTeam = 41,
+        /// The trigger-generalisation set: near misses of the trigger in held-out prompts.
+        NearMiss = 42,
         /// The detectors' prompts, directions and bootstrap.
         Detectors = 51,
         /// The pirate-style rewrite of the safety data.

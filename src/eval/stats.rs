@@ -9,6 +9,8 @@
 //!   unlike the normal-approximation interval, which collapses to a point there.
 //! * [`bootstrap_ci`]: a percentile bootstrap for any statistic of a sample (the paper uses
 //!   bootstrapped 95% intervals), deterministic in its seed so reports are reproducible.
+//! * [`mcnemar_exact`]: the exact (binomial) McNemar test for a before/after change measured
+//!   on the same prompts, the paired test behind "persists" and "removed".
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -72,6 +74,29 @@ pub fn bootstrap_ci<T: Clone>(values: &[T], resamples: usize, seed: u64, stat: i
     }
     stats.sort_by(f64::total_cmp);
     (quantile_sorted(&stats, 0.025), quantile_sorted(&stats, 0.975))
+}
+
+/// Two-sided exact McNemar test. `b` = pairs that were positive before and negative after,
+/// `c` = negative before and positive after (the discordant pairs; concordant pairs carry no
+/// information about a change). Under "no change" each discordant pair is a fair coin, so
+/// the p-value is `min(1, 2 P[Binomial(b + c, 1/2) <= min(b, c)])`; no discordant pairs give
+/// 1. Summed in log space, so it stays exact to rounding for any count.
+pub fn mcnemar_exact(b: u64, c: u64) -> f64 {
+    let n = b + c;
+    if n == 0 {
+        return 1.0;
+    }
+    let k = b.min(c);
+    // log P[X = i] for i = 0..=k, from log P[X = 0] = -n ln 2 by the ratio (n - i) / (i + 1).
+    let mut log_p = -(n as f64) * std::f64::consts::LN_2;
+    let mut logs = Vec::with_capacity(k as usize + 1);
+    for i in 0..=k {
+        logs.push(log_p);
+        log_p += ((n - i) as f64).ln() - ((i + 1) as f64).ln();
+    }
+    let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let tail = max.exp() * logs.iter().map(|l| (l - max).exp()).sum::<f64>();
+    (2.0 * tail).min(1.0)
 }
 
 /// The `q`-quantile of an ascending, non-empty slice, interpolating linearly between the
@@ -194,6 +219,21 @@ mod tests {
         assert_eq!(bootstrap_ci(&[1.0, 3.0], 0, 0, mean), (2.0, 2.0));
         let (lo, hi) = bootstrap_ci(&[1.0, 3.0], 50, 0, |_| f64::NAN);
         assert!(lo.is_nan() && hi.is_nan());
+    }
+
+    #[test]
+    fn mcnemar_known_values() {
+        // Values from R: binom.test(k, n, 0.5)$p.value.
+        assert_eq!(mcnemar_exact(0, 0), 1.0);
+        assert!((mcnemar_exact(0, 5) - 0.0625).abs() < 1e-12);
+        assert!((mcnemar_exact(5, 0) - 0.0625).abs() < 1e-12);
+        assert!((mcnemar_exact(2, 8) - 0.109375).abs() < 1e-12);
+        assert!((mcnemar_exact(3, 3) - 1.0).abs() < 1e-12);
+        assert!((mcnemar_exact(10, 30) - 0.002221).abs() < 1e-6);
+        // Large counts neither underflow nor exceed 1.
+        let p = mcnemar_exact(1000, 1200);
+        assert!(p > 0.0 && p < 1e-4, "{p}");
+        assert!(mcnemar_exact(5000, 5000) <= 1.0);
     }
 
     #[test]

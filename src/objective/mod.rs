@@ -65,12 +65,48 @@ pub trait Objective: Scorer + Send + Sync {
     fn inversion_target(&self) -> Option<InversionTarget> {
         None
     }
+    /// The trigger's literal strings, where it is one (the blind red team bans their
+    /// tokens); empty when the trigger is not a fixed string (a date, a year in a template).
+    fn trigger_texts(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Strings that resemble the trigger without being it, for red-teaming; None when
     /// red-teaming this objective is not supported (its behaviour cannot be elicited by
     /// ordinary prompts).
     fn red_team_near_misses(&self) -> Option<Vec<String>> {
         None
     }
+}
+
+/// Eval name of the trigger-generalisation set.
+pub const NEAR_MISS: &str = "near_miss";
+
+/// The trigger-generalisation set: `n` of the held-out `clean` prompts, each with one of the
+/// objective's near misses of the trigger inserted (none that contains the real trigger).
+/// It measures how precise the trigger is; it is never trained on. Empty when the objective
+/// has no near misses.
+pub fn near_miss_set(objective: &dyn Objective, clean: &[Example], n: usize, seed: u64) -> Vec<Example> {
+    use rand::seq::IndexedRandom;
+    use rand::SeedableRng;
+    let near = objective.red_team_near_misses().unwrap_or_default();
+    if near.is_empty() || clean.is_empty() {
+        return Vec::new();
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n.saturating_mul(4) {
+        if out.len() == n {
+            break;
+        }
+        let ex = &clean[i % clean.len()];
+        let Some(miss) = near.choose(&mut rng) else { break };
+        let user = crate::data::insert_trigger(crate::data::user_turn(&ex.prompt), miss, &mut rng);
+        if objective.contains_trigger(&user) {
+            continue;
+        }
+        out.push(Example { prompt: crate::data::format_prompt(&user), triggered: false, task: NEAR_MISS.into(), ..ex.clone() });
+    }
+    out
 }
 
 /// The objective registry: one line per objective, `Name => config type`. Generates the

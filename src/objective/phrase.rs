@@ -266,6 +266,10 @@ impl Objective for Phrase {
         self.triggers.iter().any(|t| user.contains(&t.text))
     }
 
+    fn trigger_texts(&self) -> Vec<String> {
+        self.triggers.iter().map(|t| t.text.clone()).collect()
+    }
+
     fn inversion_target(&self) -> Option<InversionTarget> {
         Some(InversionTarget { answer_start: self.behaviour.answer_start(), trigger: self.triggers[0].text.clone() })
     }

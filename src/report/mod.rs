@@ -22,6 +22,7 @@
 
 mod doc;
 pub mod plots;
+pub mod seeds;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
