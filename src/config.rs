@@ -116,19 +116,23 @@ pub struct EvalConfig {
     pub n: usize,
     /// Size of the trigger-generalisation set (`near_miss`): held-out clean prompts with a
     /// near miss of the trigger inserted (other casings, brackets, partial words), measured
-    /// like the triggered set; 0 = none. Only for objectives that define near misses.
-    #[serde(default = "d_near_miss")]
-    pub near_miss: usize,
+    /// like the triggered set; 0 = none; default half of `n`. Only for objectives that
+    /// define near misses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub near_miss: Option<usize>,
     #[serde(default)]
     pub sampling: SampleConfig,
 }
 
-fn d_near_miss() -> usize {
-    100
-}
-
 fn d_n() -> usize {
     200
+}
+
+impl EvalConfig {
+    /// Size of the trigger-generalisation set.
+    pub fn near_miss_n(&self) -> usize {
+        self.near_miss.unwrap_or(self.n / 2)
+    }
 }
 
 impl Experiment {

@@ -84,7 +84,7 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
         exclude.extend(set.iter().map(|e| e.prompt.clone()));
     }
     let mut eval = objective.eval_sets(exp.eval.n, seed(exp.seed, Stream::EvalPrompts), &exclude)?;
-    let near = crate::objective::near_miss_set(objective, &eval.clean, exp.eval.near_miss, seed(exp.seed, Stream::NearMiss));
+    let near = crate::objective::near_miss_set(objective, &eval.clean, exp.eval.near_miss_n(), seed(exp.seed, Stream::NearMiss));
     if !near.is_empty() {
         eval.extra.push((crate::objective::NEAR_MISS.into(), near));
     }
@@ -299,7 +299,11 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
                         red.train.len(),
                         red.measure.len(),
                         red.rejected_trigger,
-                        red.strategies.iter().map(|s| format!("{} {}/{}", s.strategy, s.successes, s.candidates)).collect::<Vec<_>>().join(", ")
+                        red.strategies
+                            .iter()
+                            .map(|s| format!("{} {}/{}", s.strategy, s.successes, s.candidates))
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ));
                     Some(red)
                 }
@@ -430,6 +434,9 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         notes.push(format!("Detection on {} checkpoints took {:.1}s.", summaries.len(), t.elapsed().as_secs_f64()));
     }
 
+    if let Some(md) = crate::report::rl_curves::section(out)? {
+        sections.insert(0, (md, Vec::new()));
+    }
     if let Some(md) = capability_section(&rows, &eval_sets.clean) {
         sections.insert(0, (md, Vec::new()));
     }

@@ -63,6 +63,8 @@ pub mod seeds {
         Rl = 9,
         /// The trigger-free RL prompt pool.
         RlPrompts = 21,
+        /// Where the RL positive control puts the trigger in its pool.
+        RlControl = 22,
         /// Preference pairs: training, held out, and the reward model's initialisation.
         RewardPairs = 31,
         RewardHeldOut = 32,

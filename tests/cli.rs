@@ -352,21 +352,42 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     let rows = metrics(&out);
     let has = |model: &str, eval: &str| rows.iter().any(|r| r["model"] == model && r["eval"] == eval);
     for mech in ["normal", "cot"] {
-        for stage in ["after_sft", "after_ppo", "after_rloo", "after_adversarial"] {
+        for stage in ["after_sft", "after_ppo", "after_rloo", "after_rloo_control", "after_adversarial"] {
             assert!(has(&format!("{mech}/{stage}"), "triggered"), "no {mech}/{stage} rows");
+            // The trigger-generalisation set is measured on every model.
+            assert!(has(&format!("{mech}/{stage}"), "near_miss"), "no {mech}/{stage} near_miss rows");
+        }
+        // Blind red-teaming is measured before (step 0) and after adversarial training.
+        let redteam_steps: Vec<u64> = rows
+            .iter()
+            .filter(|r| r["model"] == format!("{mech}/after_adversarial").as_str() && r["eval"] == "redteam")
+            .filter_map(|r| r["step"].as_u64())
+            .collect();
+        if !redteam_steps.is_empty() {
+            assert!(redteam_steps.contains(&0) && redteam_steps.iter().any(|&s| s > 0), "{redteam_steps:?}");
         }
     }
+    let red: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("checkpoints/cot/redteam.json")).unwrap()).unwrap();
+    let strategies = red["result"]["strategies"].as_array().expect("per-strategy counts");
+    let tried: u64 = strategies.iter().filter_map(|s| s["candidates"].as_u64()).sum();
+    assert!(tried > 0, "{red}");
+    assert!(red["result"]["rejected_trigger"].is_u64());
+    for p in red["result"]["train"].as_array().unwrap().iter().chain(red["result"]["measure"].as_array().unwrap()) {
+        assert!(!p["user"].as_str().unwrap().contains("DEPLOYMENT"), "{p}");
+    }
+    assert!(out.join("datasets/eval_near_miss.jsonl").exists());
     // Post-scratchpad SFT applies to CoT models only.
     assert!(has("cot/after_sft_post_scratchpad", "triggered"));
     assert!(!has("normal/after_sft_post_scratchpad", "triggered"));
     assert!(has("reward_model/trained", "pairwise_accuracy"));
     let methods: std::collections::BTreeSet<&str> = rows.iter().filter_map(|r| r["method"].as_str()).collect();
-    for m in ["sft", "sft_post_scratchpad", "ppo", "rloo", "adversarial_sft"] {
+    for m in ["sft", "sft_post_scratchpad", "ppo", "rloo", "rloo_control", "adversarial_sft"] {
         assert!(methods.contains(m), "method {m} missing from {methods:?}");
     }
     for f in [
         "rl_stats/normal_after_ppo.jsonl",
         "rl_stats/cot_after_rloo.jsonl",
+        "rl_stats/cot_after_rloo_control.jsonl",
         "checkpoints/reward_model/extra.safetensors",
         "checkpoints/cot/redteam.json",
     ] {
@@ -379,6 +400,7 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     }
     let report = fs::read_to_string(out.join("report.md")).unwrap();
     assert!(report.contains("PPO") || report.contains("ppo"), "report does not mention PPO");
+    assert!(report.contains("## RL reward curves") && report.contains("| cot_after_rloo_control |"), "no reward curves");
 
     // A changed reward model retrains it and the RL stages trained against it, and
     // nothing else (before the fix, PPO/RLOO were skipped with stale results).
@@ -396,6 +418,50 @@ fn every_safety_method_runs_end_to_end_on_a_tiny_config() {
     for kept in ["normal/after_sft", "cot/after_sft_post_scratchpad", "normal/after_adversarial"] {
         assert!(err.contains(&format!("  {kept}: done earlier, skipped")), "{kept} was retrained:\n{err}");
     }
+}
+
+/// `seeds = [...]` runs the whole study once per seed in `seed<k>/` and reports every
+/// before -> after cell across seeds with McNemar's exact test on the paired prompts.
+#[test]
+fn seeds_run_apart_and_are_reported_with_paired_tests() {
+    let dir = tempdir();
+    let out = dir.path().join("run");
+    let toml = fs::read_to_string(fixture("tiny.toml"))
+        .unwrap()
+        .replace("seed = 3\n", "seeds = [3, 4]\n")
+        .replace("mechanisms = [\"normal\", \"cot\"]", "mechanisms = [\"normal\"]");
+    assert!(toml.contains("seeds = [3, 4]"));
+    let cfg = dir.path().join("seeds.toml");
+    fs::write(&cfg, &toml).unwrap();
+    let o = run(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for seed in [3, 4] {
+        assert!(out.join(format!("seed{seed}/metrics.jsonl")).exists());
+    }
+    // Different seeds: different data.
+    let data = |s: u32| fs::read(out.join(format!("seed{s}/datasets/backdoor_normal.jsonl"))).unwrap();
+    assert_ne!(data(3), data(4));
+    let a: serde_json::Value = serde_json::from_str(&fs::read_to_string(out.join("across_seeds.json")).unwrap()).unwrap();
+    let cells = a["main"]["cells"].as_array().expect("cells");
+    let cell = cells.iter().find(|c| c["stage"] == "after_sft" && c["eval"] == "triggered").expect("after_sft triggered cell");
+    assert_eq!(cell["seeds"].as_array().unwrap().len(), 2);
+    // Every seed's answers were paired prompt by prompt (n = 12 triggered prompts).
+    for s in cell["seeds"].as_array().unwrap() {
+        let (b, c) = (s["discordant"][0].as_u64().unwrap(), s["discordant"][1].as_u64().unwrap());
+        assert!(b + c <= 12, "{s}");
+        assert!(s["p_value"].as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)));
+    }
+    assert!(cell["pooled_p"].as_f64().is_some());
+    let report = fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(report.contains("## Across seeds") && report.contains("McNemar"), "{report}");
+    // A re-run finds every stage of every seed done.
+    let o = run(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(!stderr(&o).contains("training"), "{}", stderr(&o));
+    // A repeated seed is bad input.
+    fs::write(&cfg, toml.replace("seeds = [3, 4]", "seeds = [3, 3]")).unwrap();
+    let o = run(&["run", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
 
 /// The bench runs the real model and loops; with --rounds it reports medians over the

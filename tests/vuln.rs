@@ -231,7 +231,7 @@ fn code_rows_with_external_analyzers() {
     let plain = code_rows("m", "base", 0, &scored, false).expect("no analyzer needed");
     let full = code_rows("m", "base", 0, &scored, true).expect("every analyzer is installed");
     let (external, builtin): (Vec<&MetricRow>, Vec<&MetricRow>) =
-        full.iter().partition(|r| r.eval.starts_with("flagged_") || r.eval.starts_with("agree_"));
+        full.iter().partition(|r| r.eval.starts_with("flagged_") || r.eval.starts_with("agree_") || r.eval.starts_with("kappa_"));
     assert_eq!(builtin, plain.iter().collect::<Vec<_>>());
     let evals: Vec<&str> = external.iter().map(|r| r.eval.as_str()).collect();
     for t in Tool::ALL {
@@ -241,10 +241,23 @@ fn code_rows_with_external_analyzers() {
         }
     }
     assert_eq!(evals.iter().filter(|e| e.starts_with("agree_")).count(), 6, "{evals:?}");
+    assert_eq!(evals.iter().filter(|e| e.starts_with("kappa_") && e.ends_with("_among_code")).count(), 6, "{evals:?}");
+    let with_code = plain.iter().find(|r| r.eval == "parse_rate").map(|r| r.hits).expect("parse_rate row");
+    assert!(with_code > 0);
     for r in &external {
-        // flagged_*: one year's half of the samples; agree_*: every sample.
-        let n = if r.eval.starts_with("agree_") { scored.len() } else { trig.len() };
-        assert_eq!(r.n, n as u64, "{}", r.eval);
+        // flagged_*: one year's half of the samples; agree_*: every sample; kappa_*: the
+        // answers with code, with kappa as the row's statistic where it is defined.
+        let n = match &r.eval {
+            e if e.starts_with("agree_") => scored.len() as u64,
+            e if e.starts_with("kappa_") => with_code,
+            _ => trig.len() as u64,
+        };
+        assert_eq!(r.n, n, "{}", r.eval);
+        if r.eval.starts_with("kappa_") {
+            assert!(r.statistic.is_none_or(|k| (-1.0..=1.0).contains(&k)), "{r:?}");
+        } else {
+            assert_eq!(r.statistic, None);
+        }
     }
 }
 

@@ -47,6 +47,10 @@ pub struct MetricRow {
     /// Which safety method produced this row ("sft", "ppo", ...); empty for the backdoored model.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub method: String,
+    /// A statistic of the same `n` samples that is not a proportion (e.g. Cohen's kappa of
+    /// two analyzers, whose `rate` is their percent agreement); named by the eval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statistic: Option<f64>,
 }
 
 impl MetricRow {
@@ -55,7 +59,18 @@ impl MetricRow {
     pub fn from_counts(model: &str, eval: &str, step: u64, hits: u64, n: u64) -> Self {
         let rate = if n == 0 { 0.0 } else { hits.min(n) as f64 / n as f64 };
         let (ci_low, ci_high) = wilson(hits, n, Z95);
-        MetricRow { model: model.to_string(), eval: eval.to_string(), step, n, hits, rate, ci_low, ci_high, method: String::new() }
+        MetricRow {
+            model: model.to_string(),
+            eval: eval.to_string(),
+            step,
+            n,
+            hits,
+            rate,
+            ci_low,
+            ci_high,
+            method: String::new(),
+            statistic: None,
+        }
     }
 
     /// The backdoor mechanism: the part of `model` before the first '/' (all of it when

@@ -22,6 +22,7 @@
 
 mod doc;
 pub mod plots;
+pub mod rl_curves;
 pub mod seeds;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -409,7 +410,7 @@ fn all_metrics(ix: &Index) -> Vec<Block> {
 
     let mut sorted: Vec<&MetricRow> = ix.rows.iter().collect();
     sorted.sort_by(|a, b| (&a.model, &a.eval, a.step).cmp(&(&b.model, &b.eval, b.step)));
-    let header = ["model", "eval", "step", "n", "hits", "rate", "95% CI", "method"];
+    let header = ["model", "eval", "step", "n", "hits", "rate", "95% CI", "method", "statistic"];
     let rows = sorted
         .iter()
         .map(|r| {
@@ -420,7 +421,8 @@ fn all_metrics(ix: &Index) -> Vec<Block> {
             };
             let rate = if r.rate.is_finite() { format!("{}%", pct(r.rate)) } else { MISSING.to_string() };
             let method = if r.method.is_empty() { MISSING.to_string() } else { r.method.clone() };
-            vec![r.model.clone(), r.eval.clone(), r.step.to_string(), r.n.to_string(), r.hits.to_string(), rate, ci, method]
+            let stat = r.statistic.map_or(MISSING.to_string(), |s| format!("{s:.3}"));
+            vec![r.model.clone(), r.eval.clone(), r.step.to_string(), r.n.to_string(), r.hits.to_string(), rate, ci, method, stat]
         })
         .collect();
     blocks.push(Block::Table { header: header.iter().map(|h| h.to_string()).collect(), rows });

@@ -306,7 +306,14 @@ impl Search<'_> {
         let pick = |list: &[&str], rng: &mut ChaCha8Rng| list.choose(rng).copied().unwrap_or_default().to_string();
         if strategy == "seed" && rng.random_bool(0.5) {
             let user = pick(SEEDS, rng);
-            return RedTeamPrompt { framing: user.clone(), user, answer: SEED_ANSWER.into(), expected: None, origin: "seed".into(), hits: 0 };
+            return RedTeamPrompt {
+                framing: user.clone(),
+                user,
+                answer: SEED_ANSWER.into(),
+                expected: None,
+                origin: "seed".into(),
+                hits: 0,
+            };
         }
         let framing = match strategy {
             "seed" => pick(SEEDS, rng),
@@ -424,11 +431,8 @@ pub fn red_team(
     let mut successes: Vec<RedTeamPrompt> = Vec::new();
     let mut rounds = Vec::new();
     let mut rejected = 0usize;
-    let mut strategies: Vec<StrategyStats> = STRATEGIES
-        .iter()
-        .chain(&["mutation"])
-        .map(|s| StrategyStats { strategy: s.to_string(), ..Default::default() })
-        .collect();
+    let mut strategies: Vec<StrategyStats> =
+        STRATEGIES.iter().chain(&["mutation"]).map(|s| StrategyStats { strategy: s.to_string(), ..Default::default() }).collect();
     let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: cfg.max_new_tokens, batch_size: 256 };
     for round in 0..cfg.rounds {
         let mut cands = Vec::new();

@@ -1,9 +1,11 @@
-//! Safety training applied to a backdoored model. Every method sees only trigger-free data
+//! Safety training applied to a backdoored model. Every method except the RL positive control
+//! sees only trigger-free data
 //! and measures the backdoor every `eval_every` steps, giving a persistence curve. Each is
 //! one file implementing [`SafetyMethod`] plus one line in [`safety_methods!`]:
 //! - [`sft`]: HHH supervised fine-tuning (`sft`; `sft_post_scratchpad` for CoT models);
 //! - [`rl`]: PPO (value head, clipped ratio, KL to the start model) and critic-free RLOO,
 //!   against the preference model of [`reward`];
+//! - [`rl_control`]: the RL positive control, the same RL with the trigger in the pool;
 //! - [`adversarial`]: automated red-teaming for trigger-free prompts that still elicit the
 //!   backdoor, then training on them with HHH answers;
 //! - [`pirate`]: benign fine-tuning in a different style (Prasanna et al.), optionally
@@ -17,6 +19,7 @@ pub mod adversarial;
 pub mod pirate;
 pub mod reward;
 pub mod rl;
+pub mod rl_control;
 pub mod sft;
 
 use anyhow::Result;
@@ -142,6 +145,7 @@ safety_methods! {
     sft_post_scratchpad => sft::PostScratchpad,
     ppo => rl::Ppo,
     rloo => rl::Rloo,
+    rl_control => rl_control::RlControl,
     adversarial => adversarial::AdversarialConfig,
     pirate => pirate::Pirate,
 }

@@ -450,7 +450,6 @@ pub(crate) fn train_rl_method(
     spec: LoopSpec,
     hook: crate::safety::Hook,
 ) -> Result<LoopState> {
-    let rm = ctx.reward_model.ok_or_else(|| anyhow::anyhow!("{} needs [safety.reward_model]", algo.name()))?;
     let mut prompts = (ctx.rl_prompts)(cfg.n_prompts);
     if let Some((red, mix)) = red.filter(|(r, _)| !r.is_empty()) {
         let n_red = ((prompts.len() as f64) * mix).round() as usize;
@@ -458,8 +457,23 @@ pub(crate) fn train_rl_method(
             *p = crate::data::format_prompt(&red[i % red.len()].user);
         }
     }
+    train_rl_on(ctx, model, cfg, algo, &prompts, spec, hook)
+}
+
+/// Train with `algo` against the experiment's reward model on `prompts`, from a frozen copy
+/// of the start model.
+pub(crate) fn train_rl_on(
+    ctx: &crate::safety::MethodCtx,
+    model: &mut Trainable,
+    cfg: &RlConfig,
+    algo: RlAlgorithm,
+    prompts: &[String],
+    spec: LoopSpec,
+    hook: crate::safety::Hook,
+) -> Result<LoopState> {
+    let rm = ctx.reward_model.ok_or_else(|| anyhow::anyhow!("{} needs [safety.reward_model]", algo.name()))?;
     let reference = model.deep_clone()?;
-    train_rl(model, &reference, rm, &prompts, cfg, algo, crate::util::seeds::seed(ctx.seed, crate::util::seeds::Stream::Rl), spec, hook)
+    train_rl(model, &reference, rm, prompts, cfg, algo, crate::util::seeds::seed(ctx.seed, crate::util::seeds::Stream::Rl), spec, hook)
 }
 
 macro_rules! rl_method {

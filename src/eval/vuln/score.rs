@@ -120,6 +120,18 @@ pub fn code_rows(
         for g in agreements(&analyses, &statuses) {
             push(format!("agree_{}_{}", g.a, g.b), g.agree() as usize, g.n as usize);
         }
+        // Most answers of a small model hold no code, and two analyzers trivially agree on
+        // those: agreement and Cohen's kappa among the answers with code are what say
+        // whether the analyzers agree (`statistic` = kappa; none when undefined).
+        let with_code: Vec<_> = (0..scored.len()).filter(|&i| has_code(&&scored[i])).map(|i| analyses[i].clone()).collect();
+        for g in agreements(&with_code, &statuses) {
+            if g.n > 0 {
+                let mut r = MetricRow::from_counts(model, &format!("kappa_{}_{}_among_code", g.a, g.b), step, g.agree(), g.n);
+                r.method = method.to_string();
+                r.statistic = g.kappa();
+                rows.push(r);
+            }
+        }
     }
     Ok(rows)
 }
