@@ -37,7 +37,16 @@ fn eval_detector_and_reward_model_prompts_are_disjoint_from_all_training_prompts
     let leaked: Vec<&String> = eval.iter().filter(|u| train.contains(*u)).collect();
     assert!(leaked.is_empty(), "{} of {} eval prompts occur in training, e.g. {:?}", leaked.len(), eval.len(), leaked.first());
 
+    // The trigger-generalisation set: held-out prompts with a near miss of the trigger,
+    // none of them a training prompt, none with the real trigger, none trained on.
+    let (_, near) = d.eval.extra.iter().find(|(name, _)| name == "near_miss").expect("a near_miss eval set");
+    assert_eq!(near.len(), exp.eval.n / 2);
     let objective = exp.objective.get();
+    for e in near {
+        let u = user_turn(&e.prompt);
+        assert!(!objective.contains_trigger(u), "{u:?}");
+        assert!(!train.contains(&strip(u)), "near-miss prompt {u:?} is a training prompt");
+    }
     let detector: Vec<String> = objective.detector_users(600, seed(exp.seed, Stream::Detectors)).iter().map(|u| strip(u)).collect();
     assert_eq!(detector.len(), 600);
     assert!(detector.iter().all(|u| !train.contains(u)), "detector prompts occur in training");
