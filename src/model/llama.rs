@@ -28,40 +28,27 @@ use super::kernels::{self, RopeTables};
 use serde::{Deserialize, Serialize};
 
 /// Model hyper-parameters; field names follow HF `LlamaConfig` so `config.json` round-trips.
+///
+/// Deserializing reads any Llama-family `config.json` through [`super::hf::HfConfig`]
+/// (Llama, SmolLM, Qwen2, Mistral; extra keys ignored, unsupported variants refused with
+/// a message), so our own configs and Hugging Face's load the same way.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "super::hf::HfConfig")]
 pub struct LlamaConfig {
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default = "default_max_pos")]
     pub max_position_embeddings: usize,
-    #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
-    #[serde(default = "default_theta")]
     pub rope_theta: f64,
-    #[serde(default)]
     pub tie_word_embeddings: bool,
     /// Qwen2-style biases on q/k/v projections.
-    #[serde(default)]
     pub attention_bias: bool,
-    #[serde(default)]
     pub bos_token_id: Option<u32>,
-    #[serde(default)]
     pub eos_token_id: Option<u32>,
-}
-
-fn default_max_pos() -> usize {
-    2048
-}
-fn default_eps() -> f64 {
-    1e-5
-}
-fn default_theta() -> f64 {
-    10000.0
 }
 
 impl LlamaConfig {
@@ -109,12 +96,18 @@ impl LlamaConfig {
     }
 
     /// The `config.json` we write: our fields plus the HF keys `transformers` needs to load it.
+    /// With q/k/v biases the model is a Qwen2 (HF Llama's `attention_bias` would also put a
+    /// bias on o_proj), so it is written as one.
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(o) = v.as_object_mut() {
+            let (arch, kind) = if self.attention_bias { ("Qwen2ForCausalLM", "qwen2") } else { ("LlamaForCausalLM", "llama") };
             o.insert("num_key_value_heads".into(), self.kv_heads().into());
-            o.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
-            o.insert("model_type".into(), "llama".into());
+            o.insert("architectures".into(), serde_json::json!([arch]));
+            o.insert("model_type".into(), kind.into());
+            if self.attention_bias {
+                o.insert("use_sliding_window".into(), false.into());
+            }
             o.insert("hidden_act".into(), "silu".into());
             o.insert("torch_dtype".into(), "float32".into());
             o.insert("mlp_bias".into(), false.into());

@@ -1,7 +1,9 @@
-//! The language model: the decoder, its tokenizer, sampling, and presets for the size sweep.
+//! The language model: the decoder, its tokenizer, sampling, presets for the size sweep, and
+//! loading Hugging Face checkpoint directories (`hf`).
 
 pub mod decode;
 mod gemm_isa;
+pub mod hf;
 pub mod isa;
 pub mod kernels;
 pub mod llama;
@@ -12,4 +14,4 @@ pub mod tokenizer;
 
 pub use llama::{Capture, ForwardOut, KvCache, Llama, LlamaConfig};
 pub use sample::{generate, Sample, SampleConfig};
-pub use tokenizer::Tok;
+pub use tokenizer::{EosChoice, Tok};

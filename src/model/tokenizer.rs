@@ -2,10 +2,12 @@
 //! crate (the same `tokenizer.json` format HF uses), or loaded from a checkpoint.
 //!
 //! Byte-level means any UTF-8 input encodes without unknown tokens. `<|endoftext|>` ends
-//! every completion during training, so sampling stops on it ("end of turn").
+//! every completion during training, so sampling stops on it ("end of turn"). A Hugging
+//! Face tokenizer names its own end token (`Tok::load_with`, chosen by `model::hf`).
 
 use anyhow::{anyhow, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer, TokenizerBuilder};
@@ -19,6 +21,19 @@ pub const EOS: &str = "<|endoftext|>";
 pub struct Tok {
     inner: Tokenizer,
     pub eos_id: u32,
+    /// The `tokenizer_config.json` it was loaded with (Hugging Face checkpoints), written
+    /// back when the model is saved.
+    hf_config: Option<Arc<str>>,
+}
+
+/// Which token ends a turn, for [`Tok::load_with`]. `Token` and `Id` carry the file that
+/// named it, for the error when `tokenizer.json` lacks it.
+#[derive(Clone, Debug)]
+pub enum EosChoice {
+    /// `<|endoftext|>`, the end token of our own tokenizers.
+    Default,
+    Token(String, PathBuf),
+    Id(u32, PathBuf),
 }
 
 impl Tok {
@@ -49,14 +64,60 @@ impl Tok {
 
     fn from_tokenizer(inner: Tokenizer) -> Result<Self> {
         let eos_id = inner.token_to_id(EOS).ok_or_else(|| anyhow!("tokenizer has no {EOS} token"))?;
-        Ok(Self { inner, eos_id })
+        Ok(Self { inner, eos_id, hf_config: None })
     }
 
+    /// Load a `tokenizer.json` whose end-of-turn token is `<|endoftext|>` (our own).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, EosChoice::Default, None)
+    }
+
+    /// Load a `tokenizer.json` with the end-of-turn token `eos` (Hugging Face tokenizers
+    /// name their own), keeping `hf_config` (the text of `tokenizer_config.json`).
+    pub fn load_with(path: &Path, eos: EosChoice, hf_config: Option<String>) -> Result<Self> {
         let text = crate::util::read_text(path)?;
         let inner =
             Tokenizer::from_bytes(text.as_bytes()).map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: {e}")))?;
-        Self::from_tokenizer(inner).map_err(|e| InputError::file(path, e.to_string()).into())
+        let mut tok = match eos {
+            EosChoice::Default => Self::from_tokenizer(inner).map_err(|e| {
+                InputError::file(
+                    path,
+                    format!("{e}, and neither tokenizer_config.json's eos_token nor config.json's eos_token_id names the end token"),
+                )
+            })?,
+            EosChoice::Token(name, from) => {
+                let eos_id = inner
+                    .token_to_id(&name)
+                    .ok_or_else(|| InputError::file(path, format!("has no token {name:?} (the eos_token of {})", from.display())))?;
+                Self { inner, eos_id, hf_config: None }
+            }
+            EosChoice::Id(id, from) => {
+                if inner.id_to_token(id).is_none() {
+                    return Err(
+                        InputError::file(path, format!("has no token with id {id} (the eos_token_id of {})", from.display())).into()
+                    );
+                }
+                Self { inner, eos_id: id, hf_config: None }
+            }
+        };
+        tok.hf_config = hf_config.map(Arc::from);
+        Ok(tok)
+    }
+
+    /// This tokenizer with `text` as its `tokenizer_config.json`.
+    pub fn with_hf_config(mut self, text: String) -> Self {
+        self.hf_config = Some(Arc::from(text));
+        self
+    }
+
+    /// The `tokenizer_config.json` text this tokenizer was loaded with, if any.
+    pub fn hf_config(&self) -> Option<&str> {
+        self.hf_config.as_deref()
+    }
+
+    /// The text of token `id` (special tokens included), if it exists.
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     pub fn to_json(&self) -> Result<String> {

@@ -4,7 +4,9 @@
 //! A checkpoint directory is written whole into a sibling temporary directory, fsynced,
 //! then renamed into place, so a crash never leaves a half-written checkpoint behind.
 //! Loading checks every tensor name and shape against the config and reports mismatches
-//! as input errors (exit code 2) naming the file.
+//! as input errors (exit code 2) naming the file. The same loader reads Hugging Face
+//! Llama-family checkpoint directories (sharded weights, bf16/f16, their tokenizer's own
+//! end token): see `model::hf`.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -16,12 +18,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::InputError;
-use crate::model::{Llama, LlamaConfig, Tok};
+use crate::model::{hf, Llama, LlamaConfig, Tok};
 use crate::util::{atomic_write, read_text};
 
-pub const CONFIG: &str = "config.json";
-pub const WEIGHTS: &str = "model.safetensors";
-pub const TOKENIZER: &str = "tokenizer.json";
+pub const CONFIG: &str = hf::CONFIG;
+pub const WEIGHTS: &str = hf::WEIGHTS;
+pub const TOKENIZER: &str = hf::TOKENIZER;
 pub const STATE: &str = "state.json";
 pub const OPTIMIZER: &str = "optimizer.safetensors";
 /// Extra trainable tensors that are not part of the HF model (value / reward heads).
@@ -89,13 +91,17 @@ impl Trainable {
         Ok(Self { model, vars, tok })
     }
 
-    /// Load a checkpoint directory, validating names and shapes against its config.
+    /// Load a checkpoint directory, validating names and shapes against its config: ours,
+    /// or any Hugging Face Llama-family checkpoint (`config.json`, `model.safetensors` or
+    /// sharded safetensors with `model.safetensors.index.json`, `tokenizer.json`, and
+    /// `tokenizer_config.json` for the end token; see `model::hf`).
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
         if !dir.is_dir() {
             return Err(InputError::file(dir, "checkpoint directory not found").into());
         }
         let cfg = load_config(&dir.join(CONFIG))?;
-        let tok = Tok::load(&dir.join(TOKENIZER))?;
+        // `state.json` marks our own checkpoints, whose end token is always <|endoftext|>.
+        let tok = hf::load_tokenizer(dir, &cfg, dir.join(STATE).exists())?;
         if tok.vocab_size() > cfg.vocab_size {
             return Err(InputError::file(
                 &dir.join(TOKENIZER),
@@ -103,14 +109,9 @@ impl Trainable {
             )
             .into());
         }
-        let wpath = dir.join(WEIGHTS);
-        let weights = load_weights(&wpath, dev)?;
         let (model, varmap) = build(&cfg, dev)?;
         let vars = sorted_vars(&varmap);
-        check_weights(&wpath, &vars, &weights, cfg.tie_word_embeddings)?;
-        for (name, var) in &vars {
-            var.set(&weights[name])?;
-        }
+        hf::load_weights_into(dir, &vars, cfg.tie_word_embeddings, dev)?;
         Ok(Self { model, vars, tok })
     }
 
@@ -151,6 +152,10 @@ impl Trainable {
         let cfg = self.model.cfg.to_hf_json();
         atomic_write(&tmp.join(CONFIG), serde_json::to_string_pretty(&cfg)?.as_bytes())?;
         atomic_write(&tmp.join(TOKENIZER), self.tok.to_json()?.as_bytes())?;
+        if let Some(tc) = self.tok.hf_config() {
+            // A Hugging Face tokenizer's end token and chat template live here.
+            atomic_write(&tmp.join(hf::TOKENIZER_CONFIG), tc.as_bytes())?;
+        }
         atomic_write(&tmp.join(STATE), serde_json::to_string_pretty(state)?.as_bytes())?;
         candle_core::safetensors::save(&self.weights(), tmp.join(WEIGHTS)).context("writing model.safetensors")?;
         if let Some(opt) = optimizer {
@@ -194,7 +199,10 @@ pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
 
 pub fn load_config(path: &Path) -> Result<LlamaConfig> {
     let text = read_text(path)?;
-    let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| InputError::line(path, e.line(), format!("invalid config: {e}")))?;
+    let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| match e.line() {
+        0 => InputError::file(path, format!("invalid config: {e}")), // a refused value, not a syntax error
+        line => InputError::line(path, line, format!("invalid config: {e}")),
+    })?;
     cfg.validate().map_err(|m| InputError::file(path, m))?;
     Ok(cfg)
 }
@@ -207,34 +215,4 @@ pub fn load_weights(path: &Path, dev: &Device) -> Result<HashMap<String, Tensor>
     let map = candle_core::safetensors::load(path, dev)
         .map_err(|e| InputError::file(path, format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
     map.into_iter().map(|(k, t)| Ok((k, t.to_dtype(DType::F32)?))).collect()
-}
-
-fn check_weights(path: &Path, vars: &[(String, Var)], weights: &HashMap<String, Tensor>, tied: bool) -> Result<()> {
-    let mut problems = Vec::new();
-    for (name, var) in vars {
-        match weights.get(name) {
-            None => problems.push(format!("missing tensor {name}")),
-            Some(t) if t.dims() != var.as_tensor().dims() => {
-                problems.push(format!("{name} has shape {:?} but the config implies {:?}", t.dims(), var.as_tensor().dims()))
-            }
-            _ => {}
-        }
-    }
-    let expected: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
-    let mut extra: Vec<&String> = weights
-        .keys()
-        .filter(|k| !(expected.contains(k.as_str()) || tied && k.as_str() == "lm_head.weight"))
-        .filter(|k| !k.ends_with("rotary_emb.inv_freq"))
-        .collect();
-    extra.sort();
-    for k in extra.iter().take(5) {
-        problems.push(format!("unexpected tensor {k} (does the config match this checkpoint?)"));
-    }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        let n = problems.len();
-        problems.truncate(6);
-        Err(InputError::file(path, format!("{n} mismatch(es) with config.json: {}", problems.join("; "))).into())
-    }
 }
