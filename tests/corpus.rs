@@ -143,12 +143,19 @@ fn malformed_checkpoints() {
         v["added_tokens"] = serde_json::json!([]);
         fs::write(d.join("tokenizer.json"), v.to_string()).unwrap();
     });
+    // Cut inside the "decoder" object: tokenizers 0.22 panicked there (found by the fuzzer).
+    let decoder_cut = variant("decoder_cut", &|d| {
+        let text = fs::read_to_string(d.join("tokenizer.json")).unwrap();
+        let at = text.find("\"decoder\"").expect("a decoder section") + 20;
+        fs::write(d.join("tokenizer.json"), &text[..at]).unwrap();
+    });
     let missing = dir.path().join("does_not_exist");
     for (ckpt, file, problem) in [
         (&truncated, "model.safetensors", "bytes of data, the file holds"),
         (&header_lies, "model.safetensors", "header length"),
         (&shapes, "model.safetensors", "mismatch(es) with config.json"),
         (&broken_tok, "tokenizer.json", "not a valid tokenizer.json"),
+        (&decoder_cut, "tokenizer.json", "not a valid tokenizer.json: not JSON"),
         (&empty_vocab, "tokenizer.json", "has no <|endoftext|> token"),
         (&missing, "does_not_exist", "checkpoint directory not found"),
     ] {

@@ -76,6 +76,11 @@ impl Tok {
     /// name their own), keeping `hf_config` (the text of `tokenizer_config.json`).
     pub fn load_with(path: &Path, eos: EosChoice, hf_config: Option<String>) -> Result<Self> {
         let text = crate::util::read_text(path)?;
+        // JSON syntax first: tokenizers 0.22 panics (`expect("Helper")` in its decoder
+        // deserializer) when a syntax error falls inside the "decoder" object, where a
+        // syntactically valid document only ever gets an error (found by examples/fuzz.rs).
+        serde_json::from_str::<serde::de::IgnoredAny>(&text)
+            .map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: not JSON: {e}")))?;
         let inner =
             Tokenizer::from_bytes(text.as_bytes()).map_err(|e| InputError::file(path, format!("not a valid tokenizer.json: {e}")))?;
         let mut tok = match eos {

