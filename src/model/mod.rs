@@ -1,8 +1,11 @@
-//! The language model: the decoder, its tokenizer, sampling, presets for the size sweep, and
-//! loading Hugging Face checkpoint directories (`hf`).
+//! The language model: the decoder, its tokenizer, sampling, presets for the size sweep,
+//! loading Hugging Face checkpoint directories (`hf`) and GGUF files (`gguf`), and fetching
+//! a pretrained model for offline use (`fetch`).
 
 pub mod decode;
+pub mod fetch;
 mod gemm_isa;
+pub mod gguf;
 pub mod hf;
 pub mod isa;
 pub mod kernels;

@@ -109,6 +109,12 @@ impl Tok {
         Ok(tok)
     }
 
+    /// A tokenizer built elsewhere (e.g. from GGUF metadata) with its end-of-turn token id
+    /// and the `tokenizer_config.json` text to save with it.
+    pub fn from_parts(inner: Tokenizer, eos_id: u32, hf_config: Option<String>) -> Self {
+        Self { inner, eos_id, hf_config: hf_config.map(Arc::from) }
+    }
+
     /// This tokenizer with `text` as its `tokenizer_config.json`.
     pub fn with_hf_config(mut self, text: String) -> Self {
         self.hf_config = Some(Arc::from(text));

@@ -6,7 +6,7 @@
 //! Loading checks every tensor name and shape against the config and reports mismatches
 //! as input errors (exit code 2) naming the file. The same loader reads Hugging Face
 //! Llama-family checkpoint directories (sharded weights, bf16/f16, their tokenizer's own
-//! end token): see `model::hf`.
+//! end token): see `model::hf`; and GGUF files, dequantized at load: see `model::gguf`.
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
@@ -18,7 +18,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::InputError;
-use crate::model::{hf, Llama, LlamaConfig, Tok};
+use crate::model::{gguf, hf, Llama, LlamaConfig, Tok};
 use crate::util::{atomic_write, read_text};
 
 pub const CONFIG: &str = hf::CONFIG;
@@ -95,9 +95,19 @@ impl Trainable {
     /// or any Hugging Face Llama-family checkpoint (`config.json`, `model.safetensors` or
     /// sharded safetensors with `model.safetensors.index.json`, `tokenizer.json`, and
     /// `tokenizer_config.json` for the end token; see `model::hf`).
+    ///
+    /// A GGUF file (llama.cpp's format), or a directory holding one and no `config.json`,
+    /// loads too, dequantized to f32 (see `model::gguf`).
     pub fn load(dir: &Path, dev: &Device) -> Result<Self> {
+        if let Some(file) = gguf::gguf_path(dir) {
+            return Self::load_gguf(&file, dev);
+        }
+        if dir.is_file() {
+            return Err(InputError::file(dir, "not a checkpoint directory, nor a GGUF file").into());
+        }
         if !dir.is_dir() {
-            return Err(InputError::file(dir, "checkpoint directory not found").into());
+            let what = if dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) { "GGUF file" } else { "checkpoint directory" };
+            return Err(InputError::file(dir, format!("{what} not found")).into());
         }
         let cfg = load_config(&dir.join(CONFIG))?;
         // `state.json` marks our own checkpoints, whose end token is always <|endoftext|>.
@@ -112,6 +122,26 @@ impl Trainable {
         let (model, varmap) = build(&cfg, dev)?;
         let vars = sorted_vars(&varmap);
         hf::load_weights_into(dir, &vars, cfg.tie_word_embeddings, dev)?;
+        Ok(Self { model, vars, tok })
+    }
+
+    /// Load a GGUF file: config and tokenizer from its metadata, weights dequantized to f32
+    /// with llama.cpp's Q/K row permutation undone. Everything is checked against the file
+    /// before the model is allocated.
+    pub fn load_gguf(path: &Path, dev: &Device) -> Result<Self> {
+        let g = gguf::Gguf::open(path)?;
+        let cfg = g.config()?;
+        let tok = g.tokenizer()?;
+        if tok.vocab_size() > cfg.vocab_size {
+            return Err(InputError::file(
+                path,
+                format!("tokenizer has {} tokens but the vocabulary size is {}", tok.vocab_size(), cfg.vocab_size),
+            )
+            .into());
+        }
+        let (model, varmap) = build(&cfg, dev)?;
+        let vars = sorted_vars(&varmap);
+        g.load_weights_into(&cfg, &vars, dev)?;
         Ok(Self { model, vars, tok })
     }
 
