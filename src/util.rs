@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use crate::error::InputError;
 
-/// Writes in progress. A signal handler calls [`exit_after_writes`], which lets them
+/// Writes in progress. A signal handler calls [`finish_writes`], which lets them
 /// finish (a checkpoint directory's swap included) before the process exits, so Ctrl-C or
 /// SIGTERM never leaves a half-replaced checkpoint. A counter rather than a lock, because
 /// writes nest (a checkpoint writes several atomic files).
@@ -40,14 +40,14 @@ pub fn begin_write() -> WriteGuard {
     }
 }
 
-/// Let the writes in progress finish, start no new one, then exit with `code` (the
-/// signal handler's exit: 130 for SIGINT, 143 for SIGTERM).
-pub fn exit_after_writes(code: i32) -> ! {
+/// Let the writes in progress finish and start no new one: what the binary's signal
+/// handler calls before it exits (130 for SIGINT, 143 for SIGTERM). Never returns control
+/// to a writer: any thread that tries to write afterwards waits for the exit.
+pub fn finish_writes() {
     EXITING.store(true, Ordering::SeqCst);
     while WRITES_IN_FLIGHT.load(Ordering::SeqCst) > 0 {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    std::process::exit(code)
 }
 
 /// An exclusive lock on an output folder, held for as long as the value lives (the
