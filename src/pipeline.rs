@@ -19,13 +19,13 @@ use crate::config::Experiment;
 use crate::data::{self, Example, Mechanism};
 use crate::eval::backdoor::{evaluate, ScoredSample};
 use crate::eval::MetricRow;
-use crate::model::Tok;
 use crate::objective::EvalSets;
 use crate::safety::adversarial::{AdversarialConfig, RedTeamResult};
 use crate::safety::reward::{train_reward_model, RewardModel};
 use crate::safety::{MethodCtx, SafetyMethod};
 use crate::train::checkpoint::STATE;
 use crate::train::sft::{step_loss, tokenize};
+use crate::train::start::Start;
 use crate::train::trainer::LoopState;
 use crate::train::trainer::{self, LoopSpec};
 use crate::train::TrainConfig;
@@ -212,6 +212,12 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
     say(opts, format!("[1/5] data -> {}", out.join("datasets").display()));
     let ds = out.join("datasets");
     let Datasets { backdoor: backdoor_sets, hhh, eval: eval_sets } = datasets(exp)?;
+    // The starting point before anything is written: a bad checkpoint fails here.
+    let texts: Vec<String> =
+        backdoor_sets.iter().flat_map(|(_, s)| s.iter()).chain(hhh.iter()).map(|e| format!("{}{}", e.prompt, e.completion)).collect();
+    let start = Start::new(exp, &texts, &dev)?;
+    drop(texts);
+    let tok = start.tok.clone();
     for (mech, set) in &backdoor_sets {
         data::write_jsonl(&ds.join(format!("backdoor_{}.jsonl", mech.name())), set)?;
     }
@@ -226,34 +232,13 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         data::write_jsonl(&ds.join(format!("eval_{name}.jsonl")), set)?;
     }
 
-    // --- tokenizer ----------------------------------------------------------------------
-    let texts: Vec<String> =
-        backdoor_sets.iter().flat_map(|(_, s)| s.iter()).chain(hhh.iter()).map(|e| format!("{}{}", e.prompt, e.completion)).collect();
-    let tok = Tok::train(texts.iter().map(|s| s.as_str()), exp.tokenizer.vocab_size)?;
-    let tok_json = tok.to_json()?;
-    atomic_write(&out.join("tokenizer.json"), tok_json.as_bytes())?;
-    let tok_hash = sha256_hex(tok_json.as_bytes());
-    let cfg = exp.llama_config(tok.vocab_size());
-    say(
-        opts,
-        format!(
-            "[2/5] model: preset {} ({:.2}M parameters), vocab {}, context {}",
-            exp.model.preset,
-            cfg.num_parameters() as f64 / 1e6,
-            cfg.vocab_size,
-            cfg.max_position_embeddings
-        ),
-    );
+    atomic_write(&out.join("tokenizer.json"), tok.to_json()?.as_bytes())?;
+    let tok_hash = start.digest.clone();
+    say(opts, format!("[2/5] model: {}", start.description));
 
     // --- per mechanism: backdoor, evaluate, safety-train ------------------------------------
     let mut rows = Vec::new();
-    let mut notes = vec![format!(
-        "Model: preset `{}`, {:.2}M parameters, vocab {}, context {}.",
-        exp.model.preset,
-        cfg.num_parameters() as f64 / 1e6,
-        cfg.vocab_size,
-        cfg.max_position_embeddings
-    )];
+    let mut notes = vec![format!("Model: {}.", start.description)];
     let mut rm: Option<crate::safety::reward::RewardModel> = None;
     let mut base_hashes = std::collections::HashMap::new();
     for (i, (mech, set)) in backdoor_sets.iter().enumerate() {
@@ -265,7 +250,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
         }));
         base_hashes.insert(*mech, base_hash.clone());
         let mech_dir = out.join("checkpoints").join(mech.name());
-        let (model, base_rows) = backdoor_stage(exp, *mech, set, &tok, &cfg, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
+        let (model, base_rows) = backdoor_stage(exp, *mech, set, &start, &eval_sets, &mech_dir, &base_hash, opts, &dev)?;
         notes.push(format!("{mech}: backdoor training + eval took {:.1}s.", stage_started.elapsed().as_secs_f64()));
         rows.extend(base_rows.iter().cloned());
         let ctx = SafetyCtx {
@@ -284,7 +269,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
                 continue;
             }
             if method.needs_reward_model() && rm.is_none() {
-                let (m, r, note) = reward_model_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?;
+                let (m, r, note) = reward_model_stage(exp, &start, out, opts, &dev)?;
                 rows.extend(r);
                 notes.push(note);
                 rm = Some(m);
@@ -337,7 +322,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
     let probe = exp.probe.as_ref().filter(|p| p.enabled);
     let control = if probe.is_some() || !detectors.is_empty() {
         say(opts, "[4/5] detection");
-        Some(control_stage(exp, &tok, &cfg, &tok_hash, out, opts, &dev)?)
+        Some(control_stage(exp, &start, out, opts, &dev)?)
     } else {
         None
     };
@@ -534,8 +519,7 @@ fn backdoor_stage(
     exp: &Experiment,
     mech: Mechanism,
     set: &[Example],
-    tok: &Tok,
-    cfg: &crate::model::LlamaConfig,
+    start: &Start,
     sets: &EvalSets,
     mech_dir: &Path,
     hash: &str,
@@ -549,7 +533,7 @@ fn backdoor_stage(
         return Ok((Trainable::load(&final_dir, dev)?, rows));
     }
     let resume = mech_dir.join(".resume_backdoored");
-    let (model, state) = train_from_scratch(exp, set, tok, cfg, format!("{}/backdoor", mech.name()), &resume, hash, opts, dev)?;
+    let (model, state) = train_model(exp, set, start, format!("{}/backdoor", mech.name()), &resume, hash, opts, dev)?;
     let rows = measure(exp, &model, sets, &name, "", exp.backdoor.steps as u64, &opts.out, opts)?;
     let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state});
     model.save(&final_dir, &st, None)?;
@@ -739,15 +723,13 @@ fn rl_prompts(exp: &Experiment, n: usize) -> Vec<String> {
 /// Train (or load) the shared preference model and measure its held-out pairwise accuracy.
 fn reward_model_stage(
     exp: &Experiment,
-    tok: &Tok,
-    cfg: &crate::model::LlamaConfig,
-    tok_hash: &str,
+    start: &Start,
     out: &Path,
     opts: &RunOptions,
     dev: &Device,
 ) -> Result<(RewardModel, Vec<MetricRow>, String)> {
     let rc = exp.safety.reward_model.as_ref().ok_or_else(|| anyhow::anyhow!("RL needs [safety.reward_model]"))?;
-    let hash = hash_of(&json!({"stage": "reward_model", "cfg": rc, "model": exp.model, "tokenizer": tok_hash, "seed": exp.seed}));
+    let hash = hash_of(&json!({"stage": "reward_model", "cfg": rc, "model": exp.model, "tokenizer": start.digest, "seed": exp.seed}));
     let dir = out.join("checkpoints").join("reward_model");
     if let Some(rows) = finished(&dir, &hash) {
         say(opts, "  reward_model: done earlier, skipped");
@@ -758,7 +740,7 @@ fn reward_model_stage(
     let pairs = crate::data::preference::preference_pairs(rc.n_pairs, seed(exp.seed, Stream::RewardPairs));
     let held_out =
         crate::data::preference::preference_pairs_in(data::Split::Eval, (rc.n_pairs / 4).max(100), seed(exp.seed, Stream::RewardHeldOut));
-    let mut rm = RewardModel::init(cfg, tok.clone(), seed(exp.seed, Stream::RewardInit), dev)?;
+    let mut rm = RewardModel::new(start.model(seed(exp.seed, Stream::RewardInit), dev)?)?;
     let resume = out.join("checkpoints").join(".resume_reward_model");
     let spec = LoopSpec {
         resume_dir: Some(resume.clone()),
@@ -833,17 +815,9 @@ fn red_team_stage(
 /// The clean control for the detectors: the same model and data recipe with no triggered
 /// examples (backdoor_fraction = 0), so a probe that "finds" something there is measuring
 /// the trigger's tokens, not a backdoor.
-fn control_stage(
-    exp: &Experiment,
-    tok: &Tok,
-    cfg: &crate::model::LlamaConfig,
-    tok_hash: &str,
-    out: &Path,
-    opts: &RunOptions,
-    dev: &Device,
-) -> Result<Trainable> {
+fn control_stage(exp: &Experiment, start: &Start, out: &Path, opts: &RunOptions, dev: &Device) -> Result<Trainable> {
     let hash = hash_of(
-        &json!({"stage": "control", "objective": exp.objective, "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": tok_hash, "seed": exp.seed}),
+        &json!({"stage": "control", "objective": exp.objective, "data": exp.data, "model": exp.model, "train": exp.backdoor, "tokenizer": start.digest, "seed": exp.seed}),
     );
     let dir = out.join("checkpoints").join("control").join("clean");
     if finished(&dir, &hash).is_some() {
@@ -852,28 +826,29 @@ fn control_stage(
     }
     let set = exp.objective.get().backdoor_dataset(exp.data.n_backdoor, 0.0, Mechanism::Normal, exp.seed)?;
     let resume = out.join("checkpoints").join("control").join(".resume_clean");
-    let (model, state) = train_from_scratch(exp, &set, tok, cfg, "control/clean".into(), &resume, &hash, opts, dev)?;
+    let (model, state) = train_model(exp, &set, start, "control/clean".into(), &resume, &hash, opts, dev)?;
     model.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": [], "train": state}), None)?;
     std::fs::remove_dir_all(&resume).ok();
     Ok(model)
 }
 
-/// Initialise a model and train it with the experiment's `[backdoor]` settings on `set`
-/// (resumable in `resume`). Shared by the backdoored models and the clean control.
+/// Start a model (a fresh preset or a copy of the checkpoint) and train it with the
+/// experiment's `[backdoor]` settings on `set` (resumable in `resume`). Shared by the
+/// backdoored models and the clean control.
 #[allow(clippy::too_many_arguments)]
-fn train_from_scratch(
+fn train_model(
     exp: &Experiment,
     set: &[Example],
-    tok: &Tok,
-    cfg: &crate::model::LlamaConfig,
+    start: &Start,
     label: String,
     resume: &Path,
     hash: &str,
     opts: &RunOptions,
     dev: &Device,
 ) -> Result<(Trainable, LoopState)> {
-    let mut model = Trainable::init(cfg, tok.clone(), exp.seed, dev)?;
-    let data = tokenize(tok, set, cfg.max_position_embeddings)?;
+    let mut model = start.model(exp.seed, dev)?;
+    let tok = &start.tok;
+    let data = tokenize(tok, set, exp.model.max_positions.min(start.cfg.max_position_embeddings))?;
     let spec = loop_spec(label, &exp.backdoor, resume.to_path_buf(), hash, opts.quiet);
     let (bs, pad) = (exp.backdoor.batch_size, tok.eos_id);
     let state = trainer::run(&mut model, &spec, |m, step| step_loss(m, &data, bs, step, exp.seed, pad), |_, _| Ok(vec![]))?;

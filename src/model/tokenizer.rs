@@ -134,9 +134,15 @@ impl Tok {
     }
 
     /// This tokenizer without its chat template: prompts stay in the paper's
-    /// `Human:` / `Assistant:` format (the template is still saved with the model).
+    /// `Human:` / `Assistant:` format, also in models saved with it.
     pub fn without_chat(mut self) -> Self {
         self.chat = None;
+        // Saved models must not regain the template when loaded again.
+        if let Some(serde_json::Value::Object(mut tc)) = self.hf_config.as_deref().and_then(|t| serde_json::from_str(t).ok()) {
+            if tc.remove("chat_template").is_some() {
+                self.hf_config = serde_json::to_string_pretty(&tc).ok().map(Arc::from);
+            }
+        }
         self
     }
 

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod optim;
 pub mod sft;
+pub mod start;
 pub mod trainer;
 
 pub use checkpoint::Trainable;

@@ -1,0 +1,135 @@
+//! Where every model of a run starts: a fresh initialisation of a size preset with a
+//! tokenizer trained on the run's data (the paper's mechanics at laptop scale), or a copy
+//! of a pretrained checkpoint with its own tokenizer and chat template (the paper's actual
+//! setting: backdoors are trained into instruction-tuned models).
+//!
+//! The backdoored models, the clean control model and the reward model's trunk all start
+//! here, so "fine-tune SmolLM2" is one line of the experiment file (`[model] checkpoint`).
+
+use anyhow::Result;
+use candle_core::Device;
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::Path;
+
+use super::Trainable;
+use crate::config::{Experiment, PromptFormat};
+use crate::error::InputError;
+use crate::model::{LlamaConfig, Tok};
+use crate::util::sha256_hex;
+
+/// The starting point shared by every model of one run.
+pub struct Start {
+    pub tok: Tok,
+    pub cfg: LlamaConfig,
+    /// Identifies the tokenizer and, for a checkpoint, its weights: stage hashes include
+    /// it, so a different checkpoint at the same path retrains everything.
+    pub digest: String,
+    /// One line for the report ("preset nano, 0.17M parameters, ...").
+    pub description: String,
+    pretrained: Option<Trainable>,
+}
+
+impl Start {
+    /// The experiment's starting point. `texts` (the run's training text) trains the
+    /// tokenizer of a preset; a checkpoint brings its own.
+    pub fn new(exp: &Experiment, texts: &[String], dev: &Device) -> Result<Self> {
+        let Some(path) = &exp.model.checkpoint else {
+            let tok = Tok::train(texts.iter().map(|s| s.as_str()), exp.tokenizer.vocab_size)?;
+            let cfg = exp.llama_config(tok.vocab_size());
+            let digest = sha256_hex(tok.to_json()?.as_bytes());
+            let description = format!(
+                "preset `{}`, {:.2}M parameters, vocab {}, context {}",
+                exp.model.preset.as_deref().unwrap_or_default(),
+                cfg.num_parameters() as f64 / 1e6,
+                cfg.vocab_size,
+                cfg.max_position_embeddings
+            );
+            return Ok(Self { tok, cfg, digest, description, pretrained: None });
+        };
+        let mut model = Trainable::load(path, dev)?;
+        let cfg = model.model.cfg.clone();
+        let format = match (exp.model.prompt_format, model.tok.chat().is_some()) {
+            (Some(PromptFormat::Chat), false) => {
+                return Err(InputError::file(path, "model.prompt_format = \"chat\" but this checkpoint has no chat template").into())
+            }
+            (Some(PromptFormat::Paper), _) | (None, false) => PromptFormat::Paper,
+            _ => PromptFormat::Chat,
+        };
+        if exp.model.max_positions > cfg.max_position_embeddings {
+            return Err(InputError::file(
+                path,
+                format!(
+                    "model.max_positions = {} exceeds this checkpoint's context of {} tokens",
+                    exp.model.max_positions, cfg.max_position_embeddings
+                ),
+            )
+            .into());
+        }
+        if format == PromptFormat::Paper {
+            model.tok = model.tok.clone().without_chat();
+        }
+        let mut h = Sha256::new();
+        h.update(model.tok.to_json()?.as_bytes());
+        h.update(format!("{format:?}").as_bytes());
+        h.update(checkpoint_digest(path)?.as_bytes());
+        let digest: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
+        let description = format!(
+            "checkpoint `{}`, {:.1}M parameters, vocab {}, {} layers, prompts in {}",
+            path.display(),
+            cfg.num_parameters() as f64 / 1e6,
+            cfg.vocab_size,
+            cfg.num_hidden_layers,
+            match format {
+                PromptFormat::Chat => "its chat template",
+                PromptFormat::Paper => "the paper's Human/Assistant format",
+            }
+        );
+        Ok(Self { tok: model.tok.clone(), cfg, digest, description, pretrained: Some(model) })
+    }
+
+    /// A model to train: the preset freshly initialised from `seed`, or a copy of the
+    /// checkpoint (the same for every seed; the seed then only orders the data).
+    pub fn model(&self, seed: u64, dev: &Device) -> Result<Trainable> {
+        match &self.pretrained {
+            Some(m) => m.deep_clone(),
+            None => Trainable::init(&self.cfg, self.tok.clone(), seed, dev),
+        }
+    }
+
+    /// Whether models start from a pretrained checkpoint.
+    pub fn is_pretrained(&self) -> bool {
+        self.pretrained.is_some()
+    }
+}
+
+/// SHA-256 over a checkpoint's files (a GGUF file, or every regular file of a directory in
+/// name order, with their names), so a changed checkpoint is never mistaken for a cached one.
+pub fn checkpoint_digest(path: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    if path.is_dir() {
+        let rd = std::fs::read_dir(path).map_err(|e| InputError::file(path, format!("cannot read: {e}")))?;
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_file()) {
+                files.push(e.path());
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for f in files {
+        h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+        let mut file = std::fs::File::open(&f).map_err(|e| InputError::file(&f, format!("cannot read: {e}")))?;
+        loop {
+            let n = file.read(&mut buf).map_err(|e| InputError::file(&f, format!("cannot read: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
