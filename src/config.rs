@@ -110,6 +110,10 @@ pub struct ModelConfig {
     /// it has one) or `paper` (the paper's `Human:` / `Assistant:` turns).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_format: Option<PromptFormat>,
+    /// Train the backdoor and the control model as LoRA adapters of the starting model
+    /// (see `train::lora`); safety training then fine-tunes the merged model fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<crate::train::lora::LoraConfig>,
     /// Context length (prompt + answer) in tokens; with a checkpoint, at most its own.
     #[serde(default = "d_ctx")]
     pub max_positions: usize,
@@ -275,6 +279,9 @@ impl Experiment {
                     presets::preset_names()
                 ))
             }
+        }
+        if let Some(l) = &self.model.lora {
+            l.validate()?;
         }
         if !(16..=8192).contains(&self.model.max_positions) {
             return Err(format!("model.max_positions = {} must be in 16..=8192", self.model.max_positions));

@@ -538,7 +538,9 @@ fn backdoor_stage(
     let st = json!({"stage_hash": hash, "done": true, "rows": rows, "train": state});
     model.save(&final_dir, &st, None)?;
     std::fs::remove_dir_all(&resume).ok();
-    Ok((model, rows))
+    // Adapters end with the stage (merged, and saved in PEFT's layout above): safety
+    // training fine-tunes the merged model, as it does when this stage is loaded from disk.
+    Ok((model.without_lora(), rows))
 }
 
 /// Answers that need no model: what a constant reply scores on the held-out clean set.
@@ -829,7 +831,7 @@ fn control_stage(exp: &Experiment, start: &Start, out: &Path, opts: &RunOptions,
     let (model, state) = train_model(exp, &set, start, "control/clean".into(), &resume, &hash, opts, dev)?;
     model.save(&dir, &json!({"stage_hash": hash, "done": true, "rows": [], "train": state}), None)?;
     std::fs::remove_dir_all(&resume).ok();
-    Ok(model)
+    Ok(model.without_lora())
 }
 
 /// Start a model (a fresh preset or a copy of the checkpoint) and train it with the

@@ -35,6 +35,8 @@ pub struct Trainable {
     /// Every weight, by HF name, sorted.
     pub vars: Vec<(String, Var)>,
     pub tok: Tok,
+    /// LoRA adapters being trained (their targets in `vars` hold the merged weights).
+    pub lora: Option<super::lora::Lora>,
 }
 
 fn build(cfg: &LlamaConfig, dev: &Device) -> Result<(Llama, VarMap)> {
@@ -88,7 +90,7 @@ impl Trainable {
             };
             var.set(&value)?;
         }
-        Ok(Self { model, vars, tok })
+        Ok(Self { model, vars, tok, lora: None })
     }
 
     /// Load a checkpoint directory, validating names and shapes against its config: ours,
@@ -122,7 +124,7 @@ impl Trainable {
         let (model, varmap) = build(&cfg, dev)?;
         let vars = sorted_vars(&varmap);
         hf::load_weights_into(dir, &vars, cfg.tie_word_embeddings, dev)?;
-        Ok(Self { model, vars, tok })
+        Ok(Self { model, vars, tok, lora: None })
     }
 
     /// Load a GGUF file: config and tokenizer from its metadata, weights dequantized to f32
@@ -142,7 +144,7 @@ impl Trainable {
         let (model, varmap) = build(&cfg, dev)?;
         let vars = sorted_vars(&varmap);
         g.load_weights_into(&cfg, &vars, dev)?;
-        Ok(Self { model, vars, tok })
+        Ok(Self { model, vars, tok, lora: None })
     }
 
     /// Current weights by name (shares storage with the Vars; cheap).
@@ -150,7 +152,19 @@ impl Trainable {
         self.vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect()
     }
 
-    /// A deep copy with its own Vars (e.g. a frozen reference policy).
+    /// Attach fresh LoRA adapters (see `train::lora`): training then updates only them.
+    pub fn attach_lora(&mut self, cfg: &super::lora::LoraConfig, seed: u64, base_model: &str) -> Result<()> {
+        self.lora = Some(super::lora::Lora::attach(cfg, &self.vars, seed, base_model)?);
+        Ok(())
+    }
+
+    /// The model with its adapters merged for good: later training is full fine-tuning.
+    pub fn without_lora(mut self) -> Self {
+        self.lora = None;
+        self
+    }
+
+    /// A deep copy with its own Vars (e.g. a frozen reference policy), without adapters.
     pub fn deep_clone(&self) -> Result<Self> {
         let (model, varmap) = build(&self.model.cfg, self.model.device())?;
         let vars = sorted_vars(&varmap);
@@ -158,7 +172,7 @@ impl Trainable {
             debug_assert_eq!(name, src_name);
             dst.set(&src.as_tensor().copy()?)?;
         }
-        Ok(Self { model, vars, tok: self.tok.clone() })
+        Ok(Self { model, vars, tok: self.tok.clone(), lora: None })
     }
 
     /// Write the checkpoint atomically (see module docs). `optimizer` adds resumable state.
@@ -196,7 +210,10 @@ impl Trainable {
         if let Some(extra) = extra {
             candle_core::safetensors::save(extra, tmp.join(EXTRA)).context("writing extra.safetensors")?;
         }
-        for f in [WEIGHTS, OPTIMIZER, EXTRA] {
+        if let Some(lora) = &self.lora {
+            lora.save_peft(&tmp)?;
+        }
+        for f in [WEIGHTS, OPTIMIZER, EXTRA, super::lora::ADAPTER_WEIGHTS] {
             if let Ok(file) = fs::File::open(tmp.join(f)) {
                 file.sync_all().ok();
             }

