@@ -197,6 +197,41 @@ fn experiment_trains_lora_adapters_and_resumes_exactly() {
     }
 }
 
+/// PEFT (from PyPI, with torch and transformers) loads the saved adapter onto the saved
+/// base and gives our merged model's logits. Skipped visibly when they are not installed
+/// (CI does not install torch: a 2.5 GB download for one check).
+#[test]
+fn peft_loads_the_adapter_and_matches_the_merged_model() {
+    let have =
+        std::process::Command::new("python3").args(["-c", "import torch, transformers, peft"]).output().is_ok_and(|o| o.status.success());
+    if !have {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: torch + transformers + peft not installed (pip install torch transformers peft)");
+        return;
+    }
+    let dir = tempdir();
+    let m = model_with_lora(&["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]);
+    let base = dir.path().join("base");
+    m.deep_clone().unwrap().save(&base, &serde_json::json!({}), None).unwrap();
+    let lora = m.lora.as_ref().unwrap();
+    for ad in &lora.adapters {
+        let dims = ad.b.as_tensor().dims().to_vec();
+        ad.b.set(&Tensor::randn(0f32, 0.3, dims, &Device::Cpu).unwrap()).unwrap();
+    }
+    lora.merge().unwrap();
+    let adapted = dir.path().join("adapted");
+    m.save(&adapted, &serde_json::json!({}), None).unwrap();
+    let ids: Vec<Vec<u32>> = vec![vec![5, 17, 42, 9, 100, 7, 3, 250], vec![1, 2, 3, 4, 5, 6, 7, 8]];
+    let x = Tensor::new(ids.clone(), &Device::Cpu).unwrap();
+    let logits: Vec<Vec<Vec<f32>>> = m.model.forward(&x).unwrap().to_vec3().unwrap();
+    let data = dir.path().join("data.json");
+    fs::write(&data, serde_json::json!({"ids": ids, "logits": logits}).to_string()).unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_peft_adapter.py");
+    let o = std::process::Command::new("python3").arg(script).arg(&base).arg(&adapted).arg(&data).output().unwrap();
+    assert!(o.status.success(), "PEFT disagrees: {}{}", stdout(&o), stderr(&o));
+    eprintln!("PEFT vs merged: {}", stdout(&o).trim());
+}
+
 fn run_cli(args: &[&str]) -> std::process::Output {
     common::run(args)
 }
