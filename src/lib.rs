@@ -6,6 +6,7 @@
 //! writes the report; [`pipeline`] runs them from an experiment file with resume.
 
 pub mod bench;
+pub mod bench_pretrained;
 pub mod config;
 pub mod data;
 pub mod detect;

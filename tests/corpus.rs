@@ -149,8 +149,17 @@ fn malformed_checkpoints() {
         let at = text.find("\"decoder\"").expect("a decoder section") + 20;
         fs::write(d.join("tokenizer.json"), &text[..at]).unwrap();
     });
+    let nan_weights = variant("nan_weights", &|d| {
+        let mut w = candle_core::safetensors::load(d.join("model.safetensors"), &Device::Cpu).unwrap();
+        let name = "model.layers.1.mlp.up_proj.weight";
+        let mut v = w[name].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[5] = f32::NAN;
+        w.insert(name.into(), candle_core::Tensor::from_vec(v, w[name].dims(), &Device::Cpu).unwrap());
+        candle_core::safetensors::save(&w, d.join("model.safetensors")).unwrap();
+    });
     let missing = dir.path().join("does_not_exist");
     for (ckpt, file, problem) in [
+        (&nan_weights, "model.safetensors", "tensor model.layers.1.mlp.up_proj.weight holds a non-finite value (NaN) at flat index 5"),
         (&truncated, "model.safetensors", "bytes of data, the file holds"),
         (&header_lies, "model.safetensors", "header length"),
         (&shapes, "model.safetensors", "mismatch(es) with config.json"),

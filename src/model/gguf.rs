@@ -600,7 +600,9 @@ impl Gguf {
             if let Some(heads) = e.permuted_heads {
                 t = unpermute_rows(&t, heads)?;
             }
-            by_name[e.hf.as_str()].set(&t.to_dtype(candle_core::DType::F32)?.to_device(dev)?)?;
+            let t = t.to_dtype(candle_core::DType::F32)?.to_device(dev)?;
+            super::hf::check_finite(&t, &e.hf, &self.path)?;
+            by_name[e.hf.as_str()].set(&t)?;
         }
         Ok(())
     }

@@ -17,7 +17,7 @@
 //! Every problem with these files is an [`InputError`] naming the file (exit code 2).
 
 use anyhow::Result;
-use candle_core::{DType, Device, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::Deserialize;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
@@ -403,8 +403,20 @@ pub fn load_weights_into(dir: &Path, vars: &[(String, Var)], tied: bool, dev: &D
         for (name, info) in w.tensors.iter().filter(|(_, t)| t.file == i) {
             let Some(var) = by_name.get(name.as_str()) else { continue };
             let t = st.load(name, dev).map_err(|e| InputError::file(path, format!("cannot read tensor {name} ({}): {e}", info.dtype)))?;
-            var.set(&t.to_dtype(DType::F32)?)?;
+            let t = t.to_dtype(DType::F32)?;
+            check_finite(&t, name, path)?;
+            var.set(&t)?;
         }
+    }
+    Ok(())
+}
+
+/// A weight with a NaN or an infinity would make every later number meaningless (and a
+/// NaN loss at the first step would blame training): refuse it at load, naming the tensor.
+pub fn check_finite(t: &Tensor, name: &str, path: &Path) -> Result<()> {
+    let values = t.flatten_all()?.to_vec1::<f32>()?;
+    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+        return Err(InputError::file(path, format!("tensor {name} holds a non-finite value ({}) at flat index {i}", values[i])).into());
     }
     Ok(())
 }

