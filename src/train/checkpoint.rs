@@ -246,6 +246,14 @@ pub fn replace_dir(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The config of a checkpoint directory or GGUF file, without loading its weights.
+pub fn load_config_of(path: &Path) -> Result<LlamaConfig> {
+    match gguf::gguf_path(path) {
+        Some(file) => gguf::Gguf::open(&file)?.config(),
+        None => load_config(&path.join(CONFIG)),
+    }
+}
+
 pub fn load_config(path: &Path) -> Result<LlamaConfig> {
     let text = read_text(path)?;
     let cfg: LlamaConfig = serde_json::from_str(&text).map_err(|e| match e.line() {
