@@ -80,9 +80,9 @@ pub enum Command {
     /// Loads a checkpoint (ours, Hugging Face, or GGUF) and listens on loopback. Concurrent
     /// requests with the same sampling parameters are batched into one KV-cache sampling
     /// call. /v1/completions takes `logprobs` and `echo` (prompt-token log-probabilities,
-    /// what lm-evaluation-harness needs; with max_tokens 0 only those). Chat prompts are
-    /// rendered in the paper's `\n\nHuman: ...\n\nAssistant:` format from the last user
-    /// turn. Limits: body size (413), context (400), queue length (429), per-request
+    /// what lm-evaluation-harness needs; with max_tokens 0 only those). Chats are rendered
+    /// with the checkpoint's chat template, or without one in the paper's
+    /// `\n\nHuman: ...\n\nAssistant:` format. Limits: body size (413), context (400), queue length (429), per-request
     /// timeout (504). SIGTERM or Ctrl-C finishes the requests in progress and exits 0.
     Serve(ServeArgs),
     /// Pretrained models: `model get smollm2` fetches SmolLM2-135M-Instruct for offline use.

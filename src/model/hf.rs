@@ -448,7 +448,7 @@ pub fn load_tokenizer(dir: &Path, cfg: &LlamaConfig, ours: bool) -> Result<Tok> 
     if from_config_id && !had_tc {
         if let Some(name) = tok.id_to_token(tok.eos_id) {
             let text = serde_json::to_string_pretty(&serde_json::json!({ "eos_token": name }))?;
-            return Ok(tok.with_hf_config(text));
+            return tok.with_hf_config(text).map_err(|e| InputError::file(&path, e).into());
         }
     }
     Ok(tok)

