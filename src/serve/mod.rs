@@ -6,7 +6,7 @@
 //! - [`worker`]: the bounded queue and the one thread that owns the model and batches
 //!   waiting requests into the KV-cache sampler.
 //! - [`routes`]: `GET /v1/models`, `POST /v1/completions` (prompt logprobs with `echo`),
-//!   `POST /v1/chat/completions`.
+//!   `POST /v1/chat/completions`, and `GET /health` (requests waiting and running).
 //!
 //! Limits: it listens on loopback unless told otherwise; bodies over `max_body_bytes` get
 //! 413; prompt + `max_tokens` over the context get 400; more than `max_queue` waiting
@@ -90,23 +90,36 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             eprintln!("warning: listening on {addr}, beyond this machine; the API has no authentication");
         }
         eprintln!("serving {name} on http://{addr}/v1 (OpenAI API; Ctrl-C or SIGTERM stops)");
-        axum::serve(listener, routes::router(state)).with_graceful_shutdown(shutdown_signal()).await.context("serving HTTP")
+        // The first signal starts a graceful shutdown; a second one drops what is in flight.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<()>();
+        let graceful = async move {
+            wait_for_signal().await;
+            eprintln!("shutting down: finishing the requests in progress (signal again to stop now)");
+            let _ = first_tx.send(());
+        };
+        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(graceful);
+        let forced = async move {
+            if first_rx.await.is_ok() {
+                wait_for_signal().await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            r = server => r.context("serving HTTP").map(|_| true),
+            _ = forced => Ok(false),
+        }
     });
     queue.close();
-    let _ = worker.join();
-    result?;
-    eprintln!("stopped");
-    Ok(())
-}
-
-/// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.
-async fn shutdown_signal() {
-    wait_for_signal().await;
-    eprintln!("shutting down: finishing the requests in progress (signal again to exit now)");
-    tokio::spawn(async {
-        wait_for_signal().await;
-        std::process::exit(130);
-    });
+    match result? {
+        true => {
+            let _ = worker.join();
+            eprintln!("stopped");
+            Ok(())
+        }
+        // The worker may be in the middle of a batch: leave it to the process exit.
+        false => Err(anyhow::anyhow!("stopped by a second signal; the requests in progress were dropped")),
+    }
 }
 
 #[cfg(unix)]

