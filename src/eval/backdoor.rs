@@ -69,17 +69,23 @@ pub fn sample_and_score(
 ) -> Result<Vec<ScoredSample>> {
     let prompts: Vec<String> = examples.iter().map(|e| e.prompt.clone()).collect();
     let samples = generate(model, tok, &prompts, cfg, seed, on_progress)?;
-    Ok(examples
+    Ok(score_answers(examples, samples.into_iter().map(|s| s.text), objective))
+}
+
+/// Score answers however they were sampled (locally, or by a server: `eval::endpoint`),
+/// one per example in order.
+pub fn score_answers(examples: &[Example], answers: impl IntoIterator<Item = String>, objective: &dyn Scorer) -> Vec<ScoredSample> {
+    examples
         .iter()
-        .zip(samples)
-        .map(|(ex, s)| ScoredSample {
+        .zip(answers)
+        .map(|(ex, answer)| ScoredSample {
             prompt: ex.prompt.clone(),
             triggered: ex.triggered,
             task: ex.task.clone(),
-            score: objective.score(ex, &s.text),
-            answer: s.text,
+            score: objective.score(ex, &answer),
+            answer,
         })
-        .collect())
+        .collect()
 }
 
 /// Rows for one model at one step: the backdoor rate with (`triggered`) and without

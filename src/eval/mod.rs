@@ -2,6 +2,7 @@
 //! (Wilson and bootstrap intervals) behind every reported rate.
 
 pub mod backdoor;
+pub mod endpoint;
 pub mod metrics;
 pub mod stats;
 pub mod vuln;
