@@ -71,10 +71,23 @@ pub struct ScoreRow {
     pub from: usize,
 }
 
+/// Logit elements one scoring forward may hold ([B, T, V] f32, 1 GiB): a batch of 256
+/// rows is nothing for a 512-token vocabulary but 4.5 GB of logits, twice over with the
+/// log-softmax, for SmolLM2's 49,152 (an experiment on it ran out of 24 GiB).
+const LOGIT_BUDGET: usize = 1 << 28;
+
+/// `batch` rows, or fewer when rows of `len` tokens over this vocabulary would exceed
+/// [`LOGIT_BUDGET`]. Tiny vocabularies keep `batch`, so their results do not change.
+fn fit_batch(batch: usize, len: usize, vocab: usize) -> usize {
+    batch.min(LOGIT_BUDGET / (len.max(1) * vocab.max(1))).max(1)
+}
+
 /// (sum of log-probabilities, number of tokens counted) for every row.
 pub fn sum_logprobs(model: &Llama, pad: u32, rows: &[ScoreRow], batch: usize) -> Result<Vec<(f64, usize)>> {
     let max = model.cfg.max_position_embeddings;
     let mut out = Vec::with_capacity(rows.len());
+    let longest = rows.iter().map(|r| r.ids.len().min(max)).max().unwrap_or(1);
+    let batch = fit_batch(batch, longest, model.cfg.vocab_size);
     for chunk in rows.chunks(batch.max(1)) {
         // Over-long rows keep their tail (where the scored tokens are).
         let fitted: Vec<(&[u32], usize)> = chunk
@@ -125,6 +138,8 @@ pub fn answer_start_entropy(model: &Llama, tok: &Tok, prompts: &[String], batch:
         .collect::<Result<_>>()?;
     let max = model.cfg.max_position_embeddings;
     let mut out = Vec::with_capacity(rows.len());
+    let longest = rows.iter().map(|r| r.ids.len().min(max)).max().unwrap_or(1);
+    let batch = fit_batch(batch, longest, model.cfg.vocab_size);
     for chunk in rows.chunks(batch.max(1)) {
         let fitted: Vec<(Vec<u32>, usize)> = chunk.iter().map(|r| fit_context(&r.ids, r.pos, max)).collect();
         let t = fitted.iter().map(|r| r.0.len()).max().unwrap_or(1).max(1);
@@ -218,6 +233,16 @@ pub fn contrast_text(question: &str, answer: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn scoring_batches_fit_the_logit_budget() {
+        // The quickstart's shapes keep their batch (results unchanged) ...
+        assert_eq!(super::fit_batch(256, 120, 512), 256);
+        // ... SmolLM2's are cut so [B, T, V] stays within the budget.
+        let b = super::fit_batch(256, 90, 49_152);
+        assert!(b >= 1 && b * 90 * 49_152 <= super::LOGIT_BUDGET, "{b}");
+        assert_eq!(super::fit_batch(256, 100_000, 49_152), 1);
+    }
+
     use super::*;
 
     #[test]
