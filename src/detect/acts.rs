@@ -71,10 +71,12 @@ pub struct ScoreRow {
     pub from: usize,
 }
 
-/// Logit elements one scoring forward may hold ([B, T, V] f32, 1 GiB): a batch of 256
+/// Logit elements one scoring forward may hold ([B, T, V] f32, 256 MiB): a batch of 256
 /// rows is nothing for a 512-token vocabulary but 4.5 GB of logits, twice over with the
-/// log-softmax, for SmolLM2's 49,152 (an experiment on it ran out of 24 GiB).
-const LOGIT_BUDGET: usize = 1 << 28;
+/// log-softmax, for SmolLM2's 49,152 (an experiment on it ran out of 24 GiB). The forward's
+/// intermediates stay alive with the logits (the weights are trainable Vars, so candle keeps
+/// the graph), ~1.6 MB per token at SmolLM2's size: 256 MiB of logits keeps a chunk near 3 GB.
+const LOGIT_BUDGET: usize = 1 << 26;
 
 /// `batch` rows, or fewer when rows of `len` tokens over this vocabulary would exceed
 /// [`LOGIT_BUDGET`]. Tiny vocabularies keep `batch`, so their results do not change.
