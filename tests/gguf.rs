@@ -212,6 +212,12 @@ fn load_err(path: &Path, want: &[&str]) -> String {
     for w in want {
         assert!(msg.contains(w), "expected {w:?} in: {msg}");
     }
+    // The CLI on the same file: exit 2, within a bounded address space.
+    let prompts = path.with_extension("prompts.jsonl");
+    fs::write(&prompts, "{\"prompt\": \"hi\"}\n").unwrap();
+    let o =
+        common::bin_bounded().args(["eval", "--model", path.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}: {}", path.display(), common::stderr(&o));
     msg
 }
 

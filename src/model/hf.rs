@@ -265,8 +265,9 @@ pub fn read_header(path: &Path) -> Result<BTreeMap<String, (String, Vec<usize>)>
                 "tensor {name} has dtype {dtype}; only F32, F16, BF16 and F64 weights can be loaded (quantized weights are not supported)"
             ))
         })?;
-        let numel: u64 = shape.iter().map(|&d| d as u64).product();
-        if end < start || end - start != numel * size as u64 {
+        // Checked: a header may claim dimensions whose product overflows u64.
+        let bytes = shape.iter().try_fold(size as u64, |acc, &d| acc.checked_mul(d as u64));
+        if end < start || bytes != Some(end - start) {
             return Err(bad(format!(
                 "not a readable safetensors file: tensor {name} of shape {shape:?} ({dtype}) has a byte range of {} bytes",
                 end.saturating_sub(start)

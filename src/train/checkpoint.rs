@@ -127,6 +127,24 @@ impl Trainable {
         Ok(Self { model, vars, tok, lora: None })
     }
 
+    /// [`Trainable::load`], then merge the PEFT LoRA adapter in `adapter` (if any) into the
+    /// weights (see [`super::lora::merge_peft_adapter`]); a note on stderr says what merged.
+    pub fn load_adapted(path: &Path, adapter: Option<&Path>, dev: &Device) -> Result<Self> {
+        let m = Self::load(path, dev)?;
+        if let Some(dir) = adapter {
+            let merged = super::lora::merge_peft_adapter(dir, &m.vars)?;
+            eprintln!(
+                "merged LoRA adapter {} (r = {}, alpha = {}) into {} weight(s) of {}",
+                dir.display(),
+                merged.rank,
+                merged.alpha,
+                merged.modules.len(),
+                path.display()
+            );
+        }
+        Ok(m)
+    }
+
     /// Load a GGUF file: config and tokenizer from its metadata, weights dequantized to f32
     /// with llama.cpp's Q/K row permutation undone. Everything is checked against the file
     /// before the model is allocated.

@@ -221,3 +221,153 @@ impl Lora {
         self.adapters.iter().map(|ad| ad.a.as_tensor().elem_count() + ad.b.as_tensor().elem_count()).sum()
     }
 }
+
+/// What [`merge_peft_adapter`] merged.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MergedAdapter {
+    pub rank: usize,
+    pub alpha: f64,
+    /// HF weight names that received an update.
+    pub modules: Vec<String>,
+}
+
+/// The fields of a PEFT `adapter_config.json` that decide what the weights mean. Everything
+/// else in the file (task type, paths, revision, ...) is ignored.
+#[derive(Deserialize)]
+struct PeftConfig {
+    peft_type: Option<String>,
+    r: usize,
+    lora_alpha: f64,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    bias: Option<String>,
+    #[serde(default)]
+    rank_pattern: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Merge the LoRA adapter saved in PEFT's layout in `dir` (by us or by
+/// `PeftModel.save_pretrained`) into `vars`, the model's weights by HF name:
+/// `W += s · B · A` with `s = alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+///
+/// The adapter is refused as an input error, before any weight changes, when its config
+/// describes something this merge would get wrong (DoRA, trained biases, fan-in-fan-out
+/// layouts, per-module ranks), when a tensor names a module the model lacks, or when a
+/// shape disagrees with the model: an adapter trained for another base model must not
+/// load silently.
+pub fn merge_peft_adapter(dir: &Path, vars: &[(String, Var)]) -> Result<MergedAdapter> {
+    use crate::error::InputError;
+    let cfg_path = dir.join(ADAPTER_CONFIG);
+    let weights_path = dir.join(ADAPTER_WEIGHTS);
+    if !dir.is_dir() {
+        return Err(InputError::file(
+            dir,
+            "adapter folder not found (a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors)",
+        )
+        .into());
+    }
+    let text = std::fs::read(&cfg_path).map_err(|e| InputError::file(&cfg_path, format!("cannot read: {e}")))?;
+    let text = String::from_utf8(text).map_err(|_| InputError::file(&cfg_path, "not UTF-8"))?;
+    let cfg: PeftConfig =
+        serde_json::from_str(&text).map_err(|e| InputError::line(&cfg_path, e.line(), format!("not a PEFT LoRA config: {e}")))?;
+    let refuse = |msg: String| -> anyhow::Error { InputError::file(&cfg_path, msg).into() };
+    if let Some(t) = cfg.peft_type.as_deref().filter(|t| !t.eq_ignore_ascii_case("lora")) {
+        return Err(refuse(format!("peft_type {t:?}: only LORA adapters can be merged")));
+    }
+    if !(1..=4096).contains(&cfg.r) {
+        return Err(refuse(format!("r = {} must be in 1..=4096", cfg.r)));
+    }
+    if !(cfg.lora_alpha.is_finite() && cfg.lora_alpha > 0.0 && cfg.lora_alpha <= 1e6) {
+        return Err(refuse(format!("lora_alpha = {} must be in (0, 1e6]", cfg.lora_alpha)));
+    }
+    if cfg.use_dora {
+        return Err(refuse("use_dora = true: DoRA adapters rescale the weight's columns and are not supported".into()));
+    }
+    if cfg.fan_in_fan_out {
+        return Err(refuse("fan_in_fan_out = true (GPT-2-style Conv1D layout) does not apply to Llama-family models".into()));
+    }
+    if let Some(b) = cfg.bias.as_deref().filter(|b| *b != "none") {
+        return Err(refuse(format!("bias = {b:?}: adapters that train biases are not supported (only \"none\")")));
+    }
+    if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
+        return Err(refuse("rank_pattern / alpha_pattern (per-module ranks) are not supported".into()));
+    }
+    let scale = if cfg.use_rslora { cfg.lora_alpha / (cfg.r as f64).sqrt() } else { cfg.lora_alpha / cfg.r as f64 };
+
+    if !weights_path.exists() {
+        let pickle = dir.join("adapter_model.bin");
+        let msg = if pickle.exists() {
+            "file not found (the folder has adapter_model.bin, a pickle file, which is never loaded because unpickling can run code; \
+             save the adapter with safe_serialization=True)"
+        } else {
+            "file not found"
+        };
+        return Err(InputError::file(&weights_path, msg).into());
+    }
+    let header = crate::model::hf::read_header(&weights_path)?;
+    let bad = |msg: String| -> anyhow::Error { InputError::file(&weights_path, msg).into() };
+    let by_name: HashMap<&str, &Var> = vars.iter().map(|(n, v)| (n.as_str(), v)).collect();
+    // module -> (A name, B name), every name checked against the model before reading data.
+    let mut pairs: std::collections::BTreeMap<String, [Option<String>; 2]> = Default::default();
+    for name in header.keys() {
+        let parse = |part: &str| name.strip_prefix("base_model.model.").and_then(|n| n.strip_suffix(part));
+        let (module, slot) = match (parse(".lora_A.weight"), parse(".lora_B.weight")) {
+            (Some(m), _) => (m, 0),
+            (_, Some(m)) => (m, 1),
+            _ => {
+                return Err(bad(format!(
+                    "unexpected tensor {name} (a LoRA adapter holds base_model.model.<module>.lora_A.weight / lora_B.weight)"
+                )))
+            }
+        };
+        let weight = format!("{module}.weight");
+        if !by_name.contains_key(weight.as_str()) {
+            return Err(bad(format!("tensor {name} adapts {weight}, which this model does not have (an adapter for another model?)")));
+        }
+        pairs.entry(weight).or_default()[slot] = Some(name.clone());
+    }
+    if pairs.is_empty() {
+        return Err(bad("holds no LoRA tensors".into()));
+    }
+    let mut planned = Vec::new();
+    for (weight, [a, b]) in &pairs {
+        let (Some(a), Some(b)) = (a, b) else {
+            return Err(bad(format!("{weight} has only one of lora_A and lora_B")));
+        };
+        let (out, inp) = by_name[weight.as_str()].as_tensor().dims2()?;
+        let (sa, sb) = (&header[a].1, &header[b].1);
+        if sa.as_slice() != [cfg.r, inp] || sb.as_slice() != [out, cfg.r] {
+            return Err(bad(format!(
+                "{weight} is [{out}, {inp}] in the model, so with r = {} lora_A must be [{}, {inp}] and lora_B [{out}, {}]; \
+                 the file has {sa:?} and {sb:?} (an adapter for another model?)",
+                cfg.r, cfg.r, cfg.r
+            )));
+        }
+        planned.push((weight.clone(), a.clone(), b.clone()));
+    }
+    let bytes = std::fs::read(&weights_path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    let st = candle_core::safetensors::SliceSafetensors::new(&bytes)
+        .map_err(|e| bad(format!("not a readable safetensors file (truncated or corrupt?): {e}")))?;
+    // Read and check everything first, then merge: a bad tensor leaves the model untouched.
+    let mut deltas = Vec::with_capacity(planned.len());
+    for (weight, a, b) in &planned {
+        let var = by_name[weight.as_str()];
+        let load = |n: &str| -> Result<Tensor> {
+            let t = st.load(n, var.device()).map_err(|e| bad(format!("cannot read tensor {n}: {e}")))?.to_dtype(DType::F32)?;
+            crate::model::hf::check_finite(&t, n, &weights_path)?;
+            Ok(t)
+        };
+        let delta = (load(b)?.matmul(&load(a)?)? * scale)?;
+        deltas.push((var, delta));
+    }
+    for (var, delta) in deltas {
+        var.set(&(var.as_tensor() + delta)?)?;
+    }
+    Ok(MergedAdapter { rank: cfg.r, alpha: cfg.lora_alpha, modules: planned.into_iter().map(|p| p.0).collect() })
+}

