@@ -100,6 +100,7 @@ impl AdversarialConfig {
             min_lr_ratio: 0.1,
             checkpoint_every: self.checkpoint_every,
             eval_every: self.eval_every,
+            optimizer: Default::default(),
         }
     }
 }

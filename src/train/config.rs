@@ -27,6 +27,9 @@ pub struct TrainConfig {
     /// Measure the backdoor every this many steps (safety training only; 0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// `adamw` (default) or `sgd` (with momentum 0.9); see [`super::optim::Optimizer`].
+    #[serde(default, skip_serializing_if = "super::optim::Optimizer::is_adamw")]
+    pub optimizer: super::optim::Optimizer,
 }
 
 fn d_batch() -> usize {
@@ -44,6 +47,7 @@ impl TrainConfig {
             grad_clip: self.grad_clip,
             warmup_steps: self.warmup_steps,
             min_lr_ratio: self.min_lr_ratio,
+            optimizer: self.optimizer,
             ..OptimConfig::with_lr(self.lr)
         }
     }

@@ -1,5 +1,8 @@
 //! AdamW with decoupled weight decay, global-norm gradient clipping and a warmup + cosine
-//! learning-rate schedule.
+//! learning-rate schedule; or SGD with momentum under the same clipping, decay and
+//! schedule (`optimizer = "sgd"`), the other optimizer of the grid's optimizer axis
+//! (Prasanna et al. found that whether safety training removes a backdoor can flip with
+//! the optimizer).
 //!
 //! Written here rather than using `candle_nn::AdamW` because that optimizer keeps its
 //! moment estimates private (so a killed run could not resume with its optimizer state)
@@ -40,6 +43,32 @@ pub struct OptimConfig {
     /// The cosine schedule ends at lr * min_lr_ratio.
     #[serde(default = "d_min_lr")]
     pub min_lr_ratio: f64,
+    /// AdamW (default) or SGD with momentum `beta1` (PyTorch's form: `buf = beta1·buf + g`,
+    /// `θ -= lr·buf`). Left out of the serialized config when AdamW, so stage keys of
+    /// existing runs are unchanged.
+    #[serde(default, skip_serializing_if = "Optimizer::is_adamw")]
+    pub optimizer: Optimizer,
+}
+
+/// Which update rule an [`AdamW`] applies.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    #[default]
+    Adamw,
+    Sgd,
+}
+
+impl Optimizer {
+    pub fn is_adamw(&self) -> bool {
+        *self == Optimizer::Adamw
+    }
+    pub fn name(&self) -> &'static str {
+        match self {
+            Optimizer::Adamw => "adamw",
+            Optimizer::Sgd => "sgd",
+        }
+    }
 }
 
 fn d_beta1() -> f64 {
@@ -72,6 +101,7 @@ impl OptimConfig {
             grad_clip: d_clip(),
             warmup_steps: 0,
             min_lr_ratio: d_min_lr(),
+            optimizer: Optimizer::Adamw,
         }
     }
 
@@ -138,6 +168,7 @@ struct Hyper {
     eps: f32,
     lr: f32,
     decay: f32,
+    sgd: bool,
 }
 
 /// The fused AdamW update of one parameter (in place) from its gradient; moments are
@@ -169,6 +200,14 @@ impl InplaceOp2 for FusedAdamW<'_> {
         const CH: usize = 16 * 1024;
         theta.par_chunks_mut(CH).zip(grad.par_chunks(CH)).zip(m.par_chunks_mut(CH).zip(v.par_chunks_mut(CH))).for_each(
             |((th, g), (m, v))| {
+                if h.sgd {
+                    // SGD with momentum: `m` is the momentum buffer, `v` unused.
+                    for i in 0..th.len() {
+                        m[i] = m[i] * h.b1 + g[i] * h.scale;
+                        th[i] = th[i] * h.decay - m[i] * h.lr;
+                    }
+                    return;
+                }
                 for i in 0..th.len() {
                     let g = g[i] * h.scale;
                     m[i] = m[i] * h.b1 + g * (1.0 - h.b1);
@@ -242,7 +281,7 @@ impl AdamW {
             if let Some(g) = grads.get(s.var.as_tensor()) {
                 total += match sum_sq_cpu(g) {
                     Some(x) => x,
-                    None => g.sqr()?.sum_all()?.to_scalar::<f32>()? as f64,
+                    None => g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
                 };
             }
         }
@@ -273,12 +312,20 @@ impl AdamW {
                         eps: self.cfg.eps as f32,
                         lr: lr as f32,
                         decay: decay as f32,
+                        sgd: self.cfg.optimizer == Optimizer::Sgd,
                     };
                     let op = FusedAdamW { h, m: RefCell::new(&mut m[..]), v: RefCell::new(&mut v[..]) };
                     s.var.as_tensor().inplace_op2(&g.contiguous()?, &op)?;
                 }
                 Moments::Cpu { .. } => {
                     anyhow::bail!("{}: gradient is not a CPU f32 tensor", s.name)
+                }
+                Moments::Dev { m, .. } if self.cfg.optimizer == Optimizer::Sgd => {
+                    let g = if scale != 1.0 { (g * scale)? } else { g.clone() };
+                    *m = ((&*m * b1)? + g)?;
+                    let theta = s.var.as_tensor();
+                    let theta = if s.decay { (theta * decay)? } else { theta.clone() };
+                    s.var.set(&(theta - (&*m * lr)?)?)?;
                 }
                 Moments::Dev { m, v } => {
                     let g = if scale != 1.0 { (g * scale)? } else { g.clone() };
@@ -340,5 +387,47 @@ impl AdamW {
         }
         self.t = t;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// SGD with momentum, by hand: buf = μ·buf + g, θ = θ·(1 - lr·wd) - lr·buf, on the fused
+    /// f32 path and on the composite path (f64 parameters take it), for a matrix (decayed)
+    /// and a vector (not decayed).
+    #[test]
+    fn sgd_with_momentum_follows_its_formula_on_both_paths() {
+        for dtype in [DType::F32, DType::F64] {
+            let dev = Device::Cpu;
+            let w0 = [0.5f64, -1.0, 2.0, 0.25];
+            let mat = Var::from_tensor(&Tensor::new(&w0, &dev).unwrap().reshape((2, 2)).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let vec = Var::from_tensor(&Tensor::new(&w0, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let cfg = OptimConfig { optimizer: Optimizer::Sgd, weight_decay: 0.5, grad_clip: 0.0, ..OptimConfig::with_lr(0.1) };
+            let mut opt = AdamW::new(vec![("m".into(), mat.clone()), ("v".into(), vec.clone())], cfg).unwrap();
+            // (decay factor, expected weights, momentum buffer) for the matrix and the vector.
+            let mut want = [(1.0 - 0.1 * 0.5, w0, [0f64; 4]), (1.0, w0, [0f64; 4])];
+            for step in 0..3 {
+                // loss = k·Σ w² over both, so g = 2·k·w.
+                let k = (step + 1) as f64;
+                let sq = (mat.as_tensor().sqr().unwrap().sum_all().unwrap() + vec.as_tensor().sqr().unwrap().sum_all().unwrap()).unwrap();
+                let grads = (sq * k).unwrap().backward().unwrap();
+                opt.step(&grads, 0.1).unwrap();
+                for (decay, w, buf) in want.iter_mut() {
+                    for i in 0..4 {
+                        buf[i] = 0.9 * buf[i] + 2.0 * k * w[i];
+                        w[i] = w[i] * *decay - 0.1 * buf[i];
+                    }
+                }
+                for (var, (_, w, _)) in [&mat, &vec].into_iter().zip(&want) {
+                    let got: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_dtype(DType::F64).unwrap().to_vec1().unwrap();
+                    for i in 0..4 {
+                        assert!((got[i] - w[i]).abs() < 1e-5, "{dtype:?} step {step} {:?}[{i}]: {} vs {}", var.dims(), got[i], w[i]);
+                    }
+                }
+            }
+        }
     }
 }
