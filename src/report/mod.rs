@@ -21,6 +21,7 @@
 //! only appear in the generic table. Every file is written with `atomic_write`.
 
 mod doc;
+pub mod grid;
 pub mod plots;
 pub mod rl_curves;
 pub mod seeds;

@@ -69,10 +69,17 @@ pub struct Labels<'a> {
 /// returns the SVG document. Points with a non-finite rate are skipped; interval ends that
 /// are not finite are drawn as the rate itself. An empty chart (no points) still gets axes.
 pub fn line_chart_svg(labels: Labels<'_>, series: &[Series]) -> Result<String> {
+    line_chart_svg_x(labels, series, &step_label)
+}
+
+/// [`line_chart_svg`] with its own x tick labels: `Point::step` holds any non-negative
+/// integer coordinate (e.g. 1000 x log10 of a parameter count, for a log axis) and
+/// `x_label` writes a tick at that coordinate.
+pub fn line_chart_svg_x(labels: Labels<'_>, series: &[Series], x_label: &dyn Fn(&f64) -> String) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
-        draw(&root, labels, series).map_err(|e| anyhow!("drawing chart {:?}: {e}", labels.title))?;
+        draw(&root, labels, series, x_label).map_err(|e| anyhow!("drawing chart {:?}: {e}", labels.title))?;
         root.present().map_err(|e| anyhow!("rendering chart {:?}: {e}", labels.title))?;
     }
     Ok(svg)
@@ -137,7 +144,12 @@ fn step_label(v: &f64) -> String {
     }
 }
 
-fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, labels: Labels<'_>, series: &[Series]) -> DrawResult {
+fn draw(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    labels: Labels<'_>,
+    series: &[Series],
+    x_label: &dyn Fn(&f64) -> String,
+) -> DrawResult {
     root.fill(&WHITE)?;
     let body = root.titled(labels.title, ("sans-serif", 26).into_font().color(&BLACK))?;
     let (plot_area, legend_area) = body.split_horizontally(SIZE.0 - LEGEND_WIDTH);
@@ -153,7 +165,7 @@ fn draw(root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>, labels: Labe
         .y_desc(labels.y)
         .x_labels(8)
         .y_labels(11)
-        .x_label_formatter(&step_label)
+        .x_label_formatter(x_label)
         .y_label_formatter(&|v| format!("{v:.0}"))
         .axis_desc_style(("sans-serif", 18))
         .label_style(("sans-serif", 16))
