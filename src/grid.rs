@@ -295,7 +295,15 @@ impl Run {
 }
 
 /// Run the grid (or one shard of it) into `out`, then write the grid report over `out`.
-pub fn run_grid(exp: &Experiment, toml_text: &str, out: &Path, quiet: bool, shard_of: Option<(usize, usize)>) -> Result<PathBuf> {
+/// `jobs` runs go at once (see `--jobs`).
+pub fn run_grid(
+    exp: &Experiment,
+    toml_text: &str,
+    out: &Path,
+    quiet: bool,
+    shard_of: Option<(usize, usize)>,
+    jobs: usize,
+) -> Result<PathBuf> {
     let _lock = crate::util::lock_dir(out)?;
     let all = runs(exp)?;
     let plan = Plan {
@@ -314,22 +322,65 @@ pub fn run_grid(exp: &Experiment, toml_text: &str, out: &Path, quiet: bool, shar
     atomic_write(&out.join(PLAN_FILE), serde_json::to_string_pretty(&plan)?.as_bytes())?;
     let mine = shard(&all, shard_of);
     let started = Instant::now();
-    for (i, r) in mine.iter().enumerate() {
-        let dir = out.join(&r.plan.dir);
-        if is_done(&dir, &r.plan.config_hash) {
-            if !quiet {
-                eprintln!("=== run {}/{}: {} seed {} done, skipped", i + 1, mine.len(), r.plan.cell, r.plan.seed);
+    let jobs = jobs.clamp(1, mine.len().max(1));
+    // Each job gets its share of the cores as its own rayon pool, so J runs at once use
+    // the machine's threads without oversubscribing it (a run's numbers do not depend on
+    // its thread count). Runs are taken in plan order from a shared counter.
+    let threads = (crate::model::kernels::num_threads() / jobs).max(1);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(None::<anyhow::Error>);
+    let work = || -> Result<()> {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().context("building a job's thread pool")?;
+        loop {
+            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                return Ok(());
             }
-            continue;
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let Some(r) = mine.get(i) else { return Ok(()) };
+            let dir = out.join(&r.plan.dir);
+            if is_done(&dir, &r.plan.config_hash) {
+                if !quiet {
+                    eprintln!("=== run {}/{}: {} seed {} done, skipped", i + 1, mine.len(), r.plan.cell, r.plan.seed);
+                }
+                continue;
+            }
+            if !quiet {
+                eprintln!("=== run {}/{}: {} seed {} -> {}", i + 1, mine.len(), r.plan.cell, r.plan.seed, dir.display());
+            }
+            let t = Instant::now();
+            // Several jobs' progress bars would interleave: parallel runs are quiet.
+            let opts = crate::pipeline::RunOptions { out: dir.clone(), quiet: quiet || jobs > 1 };
+            let result = if jobs > 1 {
+                pool.install(|| crate::pipeline::run_experiment(&r.exp, toml_text, &opts))
+            } else {
+                crate::pipeline::run_experiment(&r.exp, toml_text, &opts)
+            };
+            let done = RunDone { config_hash: r.plan.config_hash.clone(), seconds: t.elapsed().as_secs_f64() };
+            let finished = result
+                .with_context(|| format!("grid run {}", r.plan.dir))
+                .and_then(|_| atomic_write(&dir.join(DONE_FILE), serde_json::to_string_pretty(&done)?.as_bytes()));
+            if let Err(e) = finished {
+                // The other jobs stop after their current run.
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+                return Ok(());
+            }
         }
-        if !quiet {
-            eprintln!("=== run {}/{}: {} seed {} -> {}", i + 1, mine.len(), r.plan.cell, r.plan.seed, dir.display());
+    };
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..jobs).map(|_| sc.spawn(|| work())).collect();
+        for h in handles {
+            let r = h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a grid job panicked")));
+            if let Err(e) = r {
+                if let Ok(mut f) = failed.lock() {
+                    f.get_or_insert(e);
+                }
+            }
         }
-        let t = Instant::now();
-        let opts = crate::pipeline::RunOptions { out: dir.clone(), quiet };
-        crate::pipeline::run_experiment(&r.exp, toml_text, &opts).with_context(|| format!("grid run {}", r.plan.dir))?;
-        let done = RunDone { config_hash: r.plan.config_hash.clone(), seconds: t.elapsed().as_secs_f64() };
-        atomic_write(&dir.join(DONE_FILE), serde_json::to_string_pretty(&done)?.as_bytes())?;
+    });
+    if let Some(e) = failed.into_inner().ok().flatten() {
+        return Err(e);
     }
     if !quiet {
         eprintln!("grid: {} runs in {:.1}s", mine.len(), started.elapsed().as_secs_f64());

@@ -142,6 +142,9 @@ fn bad_grid_input_exits_2() {
         &["run", &common::fixture("tiny.toml").to_string_lossy(), "--out", o, "--dry-run"],
         "apply to experiment files with a [grid] table",
     );
+    let tiny = common::fixture("tiny.toml");
+    expect(&["run", tiny.to_str().unwrap(), "--out", o, "--jobs", "2"], "apply to experiment files with a [grid] table");
+    expect(&["run", g, "--out", o, "--jobs", "0"], "0 is not in 1..=256");
     assert!(!out.exists(), "a refused run wrote {}", out.display());
     let text = fs::read_to_string(g).unwrap();
     for (edit, needle) in [
@@ -164,4 +167,14 @@ fn bad_grid_input_exits_2() {
     let hash = v["experiment_hash"].as_str().unwrap();
     fs::write(other.join("plan.json"), plan.replace(hash, "0000")).unwrap();
     expect(&["report", reference().to_str().unwrap(), other.to_str().unwrap(), "--out", o], "is a plan of another experiment file");
+}
+
+/// Two runs at once, each on its own share of the cores: the same bytes as one at a time.
+#[test]
+fn parallel_jobs_give_the_same_bytes() {
+    let dir = tempdir();
+    let out = dir.path().join("jobs");
+    let o = run(&["run", grid_file().to_str().unwrap(), "--out", out.to_str().unwrap(), "-q", "--jobs", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_same_results(&[&out], &out.join("findings.json"));
 }

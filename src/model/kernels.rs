@@ -64,7 +64,7 @@ pub fn tune_runtime() {
 
 /// Threads our kernels split work over: rayon's pool size, read without candle's
 /// uncached /proc/cpuinfo lookup.
-pub(crate) fn num_threads() -> usize {
+pub fn num_threads() -> usize {
     rayon::current_num_threads()
 }
 
