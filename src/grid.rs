@@ -369,7 +369,7 @@ pub fn run_grid(
         }
     };
     std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..jobs).map(|_| sc.spawn(&work)).collect();
+        let handles: Vec<_> = (0..jobs).map(|_| sc.spawn(work)).collect();
         for h in handles {
             let r = h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a grid job panicked")));
             if let Err(e) = r {
