@@ -178,3 +178,38 @@ fn parallel_jobs_give_the_same_bytes() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert_same_results(&[&out], &out.join("findings.json"));
 }
+
+/// The grid's report.html and a run's report.html load in headless Chromium with every
+/// table filled and every figure drawn (`scripts/check_report_html.py`), and the checker
+/// fails a page with an empty table, a missing image and a script error. CI installs
+/// Debian's chromium; elsewhere a missing browser is a visible skip.
+#[test]
+fn report_html_loads_in_headless_chromium() {
+    let has =
+        |exe: &str| std::process::Command::new("sh").args(["-c", &format!("command -v {exe}")]).output().is_ok_and(|o| o.status.success());
+    if !has("chromium") || !has("python3") {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true but chromium or python3 is missing (apt-get install chromium)");
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "skipped: chromium not installed (apt-get install chromium)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/check_report_html.py");
+    let first_run = reference().join(&planned_dirs(reference())[0]).join("report.html");
+    let o = std::process::Command::new("python3").arg(&script).arg(reference().join("report.html")).arg(&first_run).output().unwrap();
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    assert_eq!(stdout(&o).matches(": ok (").count(), 2, "{}", stdout(&o));
+    let dir = tempdir();
+    let broken = dir.path().join("broken.html");
+    fs::write(
+        &broken,
+        "<html><body><h1>r</h1><table><thead><tr><th>a</th></tr></thead><tbody></tbody></table>\
+         <figure><img src=\"plots/gone.svg\"></figure><script>notDefined();</script></body></html>",
+    )
+    .unwrap();
+    let o = std::process::Command::new("python3").arg(&script).arg(&broken).output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}{}", stdout(&o), stderr(&o));
+    let text = stdout(&o);
+    for want in ["table 1 is empty", "figure 1 has no <svg>", "plots/gone.svg", "Uncaught ReferenceError"] {
+        assert!(text.contains(want), "the checker missed {want:?}: {text}");
+    }
+}
