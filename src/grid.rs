@@ -39,6 +39,9 @@ pub struct PlannedRun {
     pub parameters: Option<usize>,
     pub safety_lr: Option<f64>,
     pub safety_optimizer: Option<String>,
+    /// The `[objectives.<label>]` this run trains (None: the file's one `objective`).
+    #[serde(default)]
+    pub objective: Option<String>,
     /// sha256 of the run's experiment (what makes "done" trustworthy across edits).
     pub config_hash: String,
     /// Tokens of training (backdoor, control, safety) and of sampling: the estimate's input.
@@ -106,41 +109,49 @@ pub fn runs(exp: &Experiment) -> Result<Vec<Run>> {
         if g.safety_optimizer.is_empty() { vec![None] } else { g.safety_optimizer.iter().copied().map(Some).collect() };
     let seeds = if exp.seeds.is_empty() { vec![exp.seed] } else { exp.seeds.clone() };
     let mut out = Vec::new();
-    for p in &presets {
-        for &lr in &lrs {
-            for &opt in &opts {
-                let cell = cell_name(p.as_deref(), lr, opt);
-                for &seed in &seeds {
-                    let mut e = Experiment { seed, seeds: Vec::new(), grid: GridConfig::default(), ..exp.clone() };
-                    if let Some(p) = p {
-                        e.model.preset = Some(p.clone());
-                    }
-                    if let Some(sft) = e.safety.sft.as_mut() {
-                        if let Some(lr) = lr {
-                            sft.0.lr = lr;
+    // `[objectives]` is the outermost axis: each run trains one objective, so its folder
+    // holds an ordinary single-objective run that the report can read.
+    for (label, sub) in exp.split_objectives() {
+        for p in &presets {
+            for &lr in &lrs {
+                for &opt in &opts {
+                    let cell = match &label {
+                        Some(l) => format!("obj-{l}_{}", cell_name(p.as_deref(), lr, opt)),
+                        None => cell_name(p.as_deref(), lr, opt),
+                    };
+                    for &seed in &seeds {
+                        let mut e = Experiment { seed, seeds: Vec::new(), grid: GridConfig::default(), ..sub.clone() };
+                        if let Some(p) = p {
+                            e.model.preset = Some(p.clone());
                         }
-                        if let Some(o) = opt {
-                            sft.0.optimizer = o;
+                        if let Some(sft) = e.safety.sft.as_mut() {
+                            if let Some(lr) = lr {
+                                sft.0.lr = lr;
+                            }
+                            if let Some(o) = opt {
+                                sft.0.optimizer = o;
+                            }
                         }
+                        let config_hash = sha256_hex(serde_json::to_string(&e)?.as_bytes());
+                        let parameters = e.model.preset_config(e.tokenizer.vocab_size).map(|c| c.num_parameters());
+                        let (train_tokens, sample_tokens) = workload(&e);
+                        out.push(Run {
+                            plan: PlannedRun {
+                                dir: format!("{cell}/seed{seed}"),
+                                cell: cell.clone(),
+                                seed,
+                                preset: e.model.preset.clone().filter(|_| p.is_some()),
+                                parameters,
+                                safety_lr: lr,
+                                safety_optimizer: opt.map(|o| o.name().to_string()),
+                                objective: label.clone(),
+                                config_hash,
+                                train_tokens,
+                                sample_tokens,
+                            },
+                            exp: e,
+                        });
                     }
-                    let config_hash = sha256_hex(serde_json::to_string(&e)?.as_bytes());
-                    let parameters = e.model.preset_config(e.tokenizer.vocab_size).map(|c| c.num_parameters());
-                    let (train_tokens, sample_tokens) = workload(&e);
-                    out.push(Run {
-                        plan: PlannedRun {
-                            dir: format!("{cell}/seed{seed}"),
-                            cell: cell.clone(),
-                            seed,
-                            preset: e.model.preset.clone().filter(|_| p.is_some()),
-                            parameters,
-                            safety_lr: lr,
-                            safety_optimizer: opt.map(|o| o.name().to_string()),
-                            config_hash,
-                            train_tokens,
-                            sample_tokens,
-                        },
-                        exp: e,
-                    });
                 }
             }
         }
@@ -447,6 +458,7 @@ pub fn report_dirs(dirs: &[PathBuf], out: &Path, quiet: bool) -> Result<PathBuf>
             parameters: pr.parameters,
             safety_lr: pr.safety_lr,
             safety_optimizer: pr.safety_optimizer.clone(),
+            objective: pr.objective.clone(),
         });
     }
     let done = runs.iter().filter(|r| r.dir.is_some()).count();

