@@ -21,7 +21,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use super::doc::{self, Block, Span};
-use super::plots::{line_chart_svg_x, Labels, Point, Series};
+use super::plots::{bar_chart_svg, line_chart_svg_x, Bar, Labels, Point, Series};
 use super::seeds::{analyse, AcrossSeeds, SeedRun};
 use crate::eval::metrics::{read_metrics, EVAL_CLEAN, EVAL_TRIGGERED};
 use crate::util::atomic_write;
@@ -682,6 +682,41 @@ fn scale_plots(all: &[CellData]) -> Result<Vec<(String, String, String)>> {
     Ok(out)
 }
 
+/// The paper's before -> after figure at the largest size of the first setting: per safety
+/// method, the rate with the trigger before and after, per mechanism (mean over seeds, the
+/// range across seeds as the error bar).
+fn before_after_plots(all: &[CellData]) -> Result<Vec<(String, String, String)>> {
+    let (mechs, stages) = mechanisms_and_stages(all);
+    let first = all.first().map(|c| c.setting.clone()).unwrap_or_default();
+    let Some(c) = all.iter().filter(|c| c.setting == first && c.a.is_some()).max_by_key(|c| c.parameters.unwrap_or(0)) else {
+        return Ok(Vec::new());
+    };
+    let bar = |xs: Vec<f64>| -> Option<Bar> {
+        let (lo, hi) = xs.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)));
+        (!xs.is_empty()).then(|| Bar { rate: mean(&xs), low: lo, high: hi })
+    };
+    let mut out = Vec::new();
+    for stage in &stages {
+        let groups: Vec<(String, Vec<Option<Bar>>)> = mechs
+            .iter()
+            .filter_map(|m| {
+                let cell = c.cell(m, stage, EVAL_TRIGGERED)?;
+                let before = bar(cell.seeds.iter().map(|s| s.before.rate).collect());
+                let after = bar(cell.seeds.iter().map(|s| s.after.rate).collect());
+                Some((m.clone(), vec![before, after]))
+            })
+            .collect();
+        if groups.is_empty() {
+            continue;
+        }
+        let title = format!("{}: with the trigger, before -> after ({})", method_of(stage), c.label());
+        let svg =
+            bar_chart_svg(Labels { title: &title, x: "backdoor mechanism", y: "backdoor behaviour (%)" }, &["before", "after"], &groups)?;
+        out.push((format!("plots/before_after_{}.svg", method_of(stage)), svg, title));
+    }
+    Ok(out)
+}
+
 /// Write `findings.json`, `report.md`, `report.html` and the scale plots into `out`.
 pub fn write_grid_report(out: &Path, input: &GridInput) -> Result<Vec<PathBuf>> {
     let found = findings(input)?;
@@ -775,15 +810,31 @@ pub fn write_grid_report(out: &Path, input: &GridInput) -> Result<Vec<PathBuf>> 
             rows: cap_rows,
         });
     }
-    let mut plots = Vec::new();
+    let (mut plots, mut bars) = (Vec::new(), Vec::new());
     let labels = objectives(&input.runs);
     for label in &labels {
         let runs: Vec<GridRun> = input.runs.iter().filter(|r| &r.objective == label).cloned().collect();
-        for (path, svg, title) in scale_plots(&cells(&runs)?)? {
-            match label.as_ref().filter(|_| labels.len() > 1) {
-                Some(l) => plots.push((path.replace(".svg", &format!("_{l}.svg")), svg, format!("{title} (objective {l})"))),
-                None => plots.push((path, svg, title)),
+        let cells_of = cells(&runs)?;
+        for (into, made) in [(&mut bars, before_after_plots(&cells_of)?), (&mut plots, scale_plots(&cells_of)?)] {
+            for (path, svg, title) in made {
+                match label.as_ref().filter(|_| labels.len() > 1) {
+                    Some(l) => into.push((path.replace(".svg", &format!("_{l}.svg")), svg, format!("{title} (objective {l})"))),
+                    None => into.push((path, svg, title)),
+                }
             }
+        }
+    }
+    if !bars.is_empty() {
+        blocks.push(Block::Heading(2, "Before -> after safety training".into()));
+        blocks.push(Block::Para(vec![Span::Text(
+            "The rate with the trigger before and after each safety method at the largest size (mean over seeds, the range \
+             across seeds as the bar); the persistence curves over training steps are in each run's report."
+                .into(),
+        )]));
+        for (path, svg, caption) in &bars {
+            atomic_write(&out.join(path), svg.as_bytes())?;
+            written.push(out.join(path));
+            blocks.push(Block::Figure { path: path.clone(), svg: svg.clone(), caption: caption.clone() });
         }
     }
     if !plots.is_empty() {

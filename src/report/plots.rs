@@ -283,3 +283,87 @@ mod tests {
         assert!(d[0] < 0.0 && d[1] == 0.0 && d[2] > 0.0 && (d[0] + d[2]).abs() < 1e-12);
     }
 }
+
+/// One bar of a bar chart: a rate with its interval (fractions in [0, 1]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bar {
+    pub rate: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// Grouped bars, the paper's "before -> after" figure: one group per x label (e.g. a
+/// mechanism), one bar per `kinds` entry in each group (e.g. before, after), coloured by
+/// kind, with error bars; `groups[g].1[k]` is group g's bar of kind k (None: no bar).
+pub fn bar_chart_svg(labels: Labels<'_>, kinds: &[&str], groups: &[(String, Vec<Option<Bar>>)]) -> Result<String> {
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
+        draw_bars(&root, labels, kinds, groups).map_err(|e| anyhow!("drawing chart {:?}: {e}", labels.title))?;
+        root.present().map_err(|e| anyhow!("rendering chart {:?}: {e}", labels.title))?;
+    }
+    Ok(svg)
+}
+
+fn draw_bars(
+    root: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    labels: Labels<'_>,
+    kinds: &[&str],
+    groups: &[(String, Vec<Option<Bar>>)],
+) -> DrawResult {
+    root.fill(&WHITE)?;
+    let body = root.titled(labels.title, ("sans-serif", 26).into_font().color(&BLACK))?;
+    let (plot_area, legend_area) = body.split_horizontally(SIZE.0 - LEGEND_WIDTH);
+    let n = groups.len().max(1) as f64;
+    let mut chart = ChartBuilder::on(&plot_area)
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5..n - 0.5, 0f64..100f64)?;
+    let names: Vec<String> = groups.iter().map(|g| g.0.clone()).collect();
+    let group_label = |v: &f64| -> String {
+        let i = v.round();
+        if (v - i).abs() < 1e-6 && i >= 0.0 {
+            names.get(i as usize).cloned().unwrap_or_default()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(labels.x)
+        .y_desc(labels.y)
+        .x_labels(groups.len().max(1))
+        .y_labels(11)
+        .x_label_formatter(&group_label)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 16))
+        .light_line_style(WHITE.mix(0.0))
+        .bold_line_style(BLACK.mix(0.12))
+        .draw()?;
+    let k = kinds.len().max(1) as f64;
+    let width = 0.8 / k;
+    for (g, (_, bars)) in groups.iter().enumerate() {
+        for (j, bar) in bars.iter().enumerate() {
+            let Some(b) = bar.as_ref().filter(|b| b.rate.is_finite()) else { continue };
+            let x0 = g as f64 - 0.4 + j as f64 * width;
+            let c = color(j);
+            let (y, lo, hi) =
+                (pct(b.rate), pct(if b.low.is_finite() { b.low } else { b.rate }), pct(if b.high.is_finite() { b.high } else { b.rate }));
+            chart.draw_series(std::iter::once(Rectangle::new([(x0 + 0.02 * width, 0.0), (x0 + 0.98 * width, y)], c.mix(0.85).filled())))?;
+            let xm = x0 + width / 2.0;
+            if hi > lo {
+                let bar_style = BLACK.mix(0.7).stroke_width(1);
+                chart.draw_series(std::iter::once(PathElement::new(vec![(xm, lo), (xm, hi)], bar_style)))?;
+                for yy in [lo, hi] {
+                    chart.draw_series(std::iter::once(EmptyElement::at((xm, yy)) + PathElement::new(vec![(-4, 0), (4, 0)], bar_style)))?;
+                }
+            }
+        }
+    }
+    let legend: Vec<Series> =
+        kinds.iter().enumerate().map(|(j, k)| Series { label: k.to_string(), color: j, dashed: false, points: Vec::new() }).collect();
+    draw_legend(&legend_area, &legend)?;
+    Ok(())
+}
