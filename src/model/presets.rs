@@ -1,4 +1,4 @@
-//! Size presets for the scale sweep, from ~0.2M to ~11M parameters (at a 512-token
+//! Size presets for the scale sweep, from ~0.2M to ~86M parameters (at a 512-token
 //! vocabulary). Shapes follow the usual Llama proportions: head dim 32-64, SwiGLU width
 //! about 8/3 of the hidden size rounded to a multiple of 16.
 
@@ -12,6 +12,8 @@ pub const PRESETS: &[(&str, usize, usize, usize, usize, usize)] = &[
     ("small", 256, 4, 4, 4, 688),
     ("medium", 320, 5, 5, 5, 864),
     ("base", 384, 6, 6, 6, 1024),
+    ("large", 512, 8, 8, 8, 1376),
+    ("xl", 768, 12, 12, 12, 2048),
 ];
 
 pub fn preset_names() -> Vec<&'static str> {
