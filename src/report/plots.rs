@@ -159,19 +159,7 @@ fn draw(
 
     let mut chart =
         ChartBuilder::on(&plot_area).margin(12).x_label_area_size(45).y_label_area_size(60).build_cartesian_2d(x0..x1, 0f64..100f64)?;
-    chart
-        .configure_mesh()
-        .x_desc(labels.x)
-        .y_desc(labels.y)
-        .x_labels(8)
-        .y_labels(11)
-        .x_label_formatter(x_label)
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .axis_desc_style(("sans-serif", 18))
-        .label_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .bold_line_style(BLACK.mix(0.12))
-        .draw()?;
+    draw_mesh(&mut chart, labels, 8, x_label)?;
 
     for (s, p) in series.iter().zip(&pts) {
         let c = color(s.color);
@@ -199,6 +187,27 @@ fn draw(
     }
 
     draw_legend(&legend_area, series)?;
+    Ok(())
+}
+
+type Chart<'a, 'b> =
+    ChartContext<'a, SVGBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>>;
+
+/// Axes, tick labels and grid shared by every chart: a 0-100% y axis, `x_ticks` x labels.
+fn draw_mesh(chart: &mut Chart<'_, '_>, labels: Labels<'_>, x_ticks: usize, x_label: &dyn Fn(&f64) -> String) -> DrawResult {
+    chart
+        .configure_mesh()
+        .x_desc(labels.x)
+        .y_desc(labels.y)
+        .x_labels(x_ticks)
+        .y_labels(11)
+        .x_label_formatter(x_label)
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .axis_desc_style(("sans-serif", 18))
+        .label_style(("sans-serif", 16))
+        .light_line_style(WHITE.mix(0.0))
+        .bold_line_style(BLACK.mix(0.12))
+        .draw()?;
     Ok(())
 }
 
@@ -329,19 +338,7 @@ fn draw_bars(
             String::new()
         }
     };
-    chart
-        .configure_mesh()
-        .x_desc(labels.x)
-        .y_desc(labels.y)
-        .x_labels(groups.len().max(1))
-        .y_labels(11)
-        .x_label_formatter(&group_label)
-        .y_label_formatter(&|v| format!("{v:.0}"))
-        .axis_desc_style(("sans-serif", 18))
-        .label_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .bold_line_style(BLACK.mix(0.12))
-        .draw()?;
+    draw_mesh(&mut chart, labels, groups.len().max(1), &group_label)?;
     let k = kinds.len().max(1) as f64;
     let width = 0.8 / k;
     for (g, (_, bars)) in groups.iter().enumerate() {
