@@ -100,7 +100,8 @@ fn cell_name(preset: Option<&str>, lr: Option<f64>, opt: Option<Optimizer>) -> S
     }
 }
 
-/// Every run of the grid, in plan order: size (outermost), learning rate, optimizer, seed.
+/// Every run of the grid, in plan order: objective (outermost), size, learning rate,
+/// optimizer, seed.
 pub fn runs(exp: &Experiment) -> Result<Vec<Run>> {
     let g = &exp.grid;
     let presets: Vec<Option<String>> = if g.presets.is_empty() { vec![None] } else { g.presets.iter().cloned().map(Some).collect() };
