@@ -70,6 +70,9 @@ fn train_rate(model: &mut Trainable, spec: &PretrainedSpec, lora: bool) -> Resul
         None => model.vars.clone(),
     };
     let mut opt = AdamW::new(vars, OptimConfig::with_lr(1e-5))?;
+    // What the trainer runs a LoRA step on (`Lora::training_view`).
+    let view = model.lora.as_ref().map(|l| l.training_view(&model.model));
+    let net = view.as_ref().unwrap_or(&model.model);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let (b, t) = (spec.batch, spec.ctx);
     let ones = Tensor::ones((b, t), candle_core::DType::F32, &dev)?;
@@ -79,7 +82,7 @@ fn train_rate(model: &mut Trainable, spec: &PretrainedSpec, lora: bool) -> Resul
         let all = Tensor::from_vec(toks, (b, t + 1), &dev)?;
         let (inp, tgt) = (all.narrow(1, 0, t)?.contiguous()?, all.narrow(1, 1, t)?.contiguous()?);
         let t0 = Instant::now();
-        let loss = masked_nll(&model.model.forward(&inp)?, &tgt, &ones)?;
+        let loss = masked_nll(&net.forward(&inp)?, &tgt, &ones)?;
         let mut grads = loss.backward()?;
         if let Some(l) = &model.lora {
             l.adapter_grads(&mut grads)?;

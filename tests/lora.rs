@@ -305,3 +305,31 @@ fn a_peft_adapter_merges_into_its_base_model() {
     assert_eq!(with_adapter.len(), 2);
     assert_eq!(with_adapter, answers(&merged, None), "eval --adapter differs from the merged checkpoint");
 }
+
+/// A LoRA step runs on `Lora::training_view`: the adapted matrices keep their gradients
+/// (the adapters' come from them) and every other weight gets none (no embedding, head
+/// or norm gradient is formed), with the same loss as the full model.
+#[test]
+fn the_training_view_forms_gradients_only_for_adapted_matrices() {
+    let m = model_with_lora(&["q_proj", "down_proj"]);
+    let lora = m.lora.as_ref().unwrap();
+    let view = lora.training_view(&m.model);
+    let data = backdoor_dataset(16, 0.5, Mechanism::Normal, 1);
+    let seqs = tokenize(&m.tok, &data, 64).unwrap();
+    let full = step_loss(&m.model, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss;
+    let viewed = step_loss(&view, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss;
+    assert_eq!(full.to_scalar::<f32>().unwrap().to_bits(), viewed.to_scalar::<f32>().unwrap().to_bits());
+    let grads = viewed.backward().unwrap();
+    for (name, var) in &m.vars {
+        let adapted = name.ends_with("q_proj.weight") || name.ends_with("down_proj.weight");
+        assert_eq!(grads.get(var.as_tensor()).is_some(), adapted, "{name}");
+    }
+    // Merging after a step writes the targets in place, and the view sees it.
+    let target = &lora.adapters[0];
+    target.b.set(&fixed_values(target.b.as_tensor().dims())).unwrap();
+    lora.merge().unwrap();
+    let after = step_loss(&view, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();
+    let after_full = step_loss(&m.model, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();
+    assert_eq!(after.to_bits(), after_full.to_bits());
+    assert_ne!(after.to_bits(), viewed.to_scalar::<f32>().unwrap().to_bits(), "the merge changed nothing");
+}

@@ -453,8 +453,16 @@ impl Llama {
     /// weights tracked, every layer's backward also forms the weight gradients, about half
     /// of the backward's arithmetic, which those callers then throw away.
     pub fn frozen(&self) -> Llama {
-        let lin = |l: &Linear| Linear::new(l.weight().detach(), l.bias().map(|b| b.detach()));
-        let norm = |n: &RmsNorm| RmsNorm { weight: n.weight.detach(), eps: n.eps };
+        self.frozen_except(|_| false)
+    }
+
+    /// Like [`Llama::frozen`], but the weights for which `keep` is true stay tracked: LoRA
+    /// training keeps its target matrices (whose gradients it needs) and freezes the rest
+    /// (embeddings, tied head, norms), whose gradients it would otherwise form and drop.
+    pub fn frozen_except(&self, keep: impl Fn(&Tensor) -> bool) -> Llama {
+        let det = |t: &Tensor| if keep(t) { t.clone() } else { t.detach() };
+        let lin = |l: &Linear| Linear::new(det(l.weight()), l.bias().map(det));
+        let norm = |n: &RmsNorm| RmsNorm { weight: det(&n.weight), eps: n.eps };
         let layers = self
             .layers
             .iter()
@@ -472,7 +480,7 @@ impl Llama {
             })
             .collect();
         Llama {
-            embed_tokens: Embedding::new(self.embed_tokens.embeddings().detach(), self.cfg.hidden_size),
+            embed_tokens: Embedding::new(det(self.embed_tokens.embeddings()), self.cfg.hidden_size),
             layers,
             norm: norm(&self.norm),
             lm_head: lin(&self.lm_head),

@@ -147,6 +147,19 @@ impl Lora {
         Ok(Self { cfg: cfg.clone(), adapters, base_model: base_model.to_string() })
     }
 
+    /// Whether `t` is one of the adapted weight matrices (by tensor identity).
+    pub fn is_target(&self, t: &Tensor) -> bool {
+        self.adapters.iter().any(|a| a.target.as_tensor().id() == t.id())
+    }
+
+    /// The model to run training steps on: `model` with every weight but the adapted
+    /// matrices frozen (`Llama::frozen_except`, storage shared, so merges show through),
+    /// so the backward pass forms no gradient for the embeddings, the tied head or the
+    /// norms, which LoRA does not train.
+    pub fn training_view(&self, model: &crate::model::Llama) -> crate::model::Llama {
+        model.frozen_except(|t| self.is_target(t))
+    }
+
     /// The trainable tensors, by their PEFT names.
     pub fn vars(&self) -> Vec<(String, Var)> {
         self.adapters

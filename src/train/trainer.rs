@@ -148,10 +148,12 @@ pub fn run(
     let time_before = state.train_seconds;
     let (mut win_loss, mut win_n, mut win_tokens) = (0.0, 0usize, 0usize);
     let mut win_start = Instant::now();
+    // LoRA steps run on a view whose untrained weights are frozen (no gradient formed).
+    let lora_view = model.lora.as_ref().map(|l| l.training_view(&model.model));
     while state.step < spec.steps {
         let step = state.step;
         let lr = spec.optim.lr_at(step, spec.steps);
-        let StepLoss { loss, tokens } = loss_fn(&model.model, step)?;
+        let StepLoss { loss, tokens } = loss_fn(lora_view.as_ref().unwrap_or(&model.model), step)?;
         let loss_val = if nan_at == Some(step) { f64::NAN } else { loss.to_scalar::<f32>()? as f64 };
         if !loss_val.is_finite() {
             // Nothing from this step on is kept: the stage fails before its weights or rows
