@@ -21,7 +21,7 @@
 //! K = kv heads, E = head dim, V = vocab.
 
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
-use candle_nn::{Embedding, Linear, VarBuilder};
+use candle_nn::{Embedding, VarBuilder};
 
 use super::decode::{self, RawKv};
 use super::kernels::{self, RopeTables};
@@ -223,6 +223,47 @@ struct Attention {
     head_dim: usize,
 }
 
+/// A projection `y = x·Wᵀ (+ b)` (HF layout: W [out, in]), optionally plus an unmerged
+/// low-rank update `s·(x·Aᵀ)·Bᵀ`: LoRA training runs on a view whose adapted matrices are
+/// the frozen base W0 with the update kept apart (`Lora::training_view`), so the backward
+/// pass forms gradients for A and B only and never the full [out, in] gradient of W.
+#[derive(Clone, Debug)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    low_rank: Option<LowRank>,
+}
+
+/// The update `s·B·A` of a LoRA-adapted projection: A [r, in], B [out, r].
+#[derive(Clone, Debug)]
+pub struct LowRank {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self { weight, bias, low_rank: None }
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `s·(x·Aᵀ)·Bᵀ` for 2-D x, when this projection carries an unmerged update.
+    fn low_rank_term(&self, x: &Tensor, fused: bool) -> Result<Option<Tensor>> {
+        let Some(lr) = &self.low_rank else { return Ok(None) };
+        let h = if fused { kernels::linear(x, &lr.a)? } else { x.matmul(&lr.a.t()?)? }; // [N, r]
+        let y = if fused { kernels::linear(&h, &lr.b)? } else { h.matmul(&lr.b.t()?)? }; // [N, out]
+        Ok(Some((y * lr.scale)?))
+    }
+}
+
 fn linear(inp: usize, out: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let init = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
     let w = vb.get_with_hints((out, inp), "weight", init)?;
@@ -238,7 +279,12 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inp, out) = (dims[dims.len() - 1], w.dim(0)?);
     let rows = x.elem_count() / inp.max(1);
-    let y = x.reshape((rows, inp))?.matmul(&w.t()?)?;
+    let x2 = x.reshape((rows, inp))?;
+    let y = x2.matmul(&w.t()?)?;
+    let y = match l.low_rank_term(&x2, false)? {
+        Some(d) => (y + d)?,
+        None => y,
+    };
     let y = match l.bias() {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -254,6 +300,10 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// weight gradient).
 fn flin(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let y = kernels::linear(x, l.weight())?;
+    let y = match l.low_rank_term(x, true)? {
+        Some(d) => (y + d)?,
+        None => y,
+    };
     match l.bias() {
         Some(b) => y.broadcast_add(b),
         None => Ok(y),
@@ -453,15 +503,18 @@ impl Llama {
     /// weights tracked, every layer's backward also forms the weight gradients, about half
     /// of the backward's arithmetic, which those callers then throw away.
     pub fn frozen(&self) -> Llama {
-        self.frozen_except(|_| false)
+        self.frozen_with_low_rank(|_| None)
     }
 
-    /// Like [`Llama::frozen`], but the weights for which `keep` is true stay tracked: LoRA
-    /// training keeps its target matrices (whose gradients it needs) and freezes the rest
-    /// (embeddings, tied head, norms), whose gradients it would otherwise form and drop.
-    pub fn frozen_except(&self, keep: impl Fn(&Tensor) -> bool) -> Llama {
-        let det = |t: &Tensor| if keep(t) { t.clone() } else { t.detach() };
-        let lin = |l: &Linear| Linear::new(det(l.weight()), l.bias().map(det));
+    /// [`Llama::frozen`], where each projection whose weight `adapt` maps to
+    /// `Some((W0, update))` computes `x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` instead (W0 frozen; A and B as
+    /// given, so they get gradients when they are Vars). LoRA training's view of a model.
+    pub fn frozen_with_low_rank(&self, adapt: impl Fn(&Tensor) -> Option<(Tensor, LowRank)>) -> Llama {
+        let det = |t: &Tensor| t.detach();
+        let lin = |l: &Linear| match adapt(l.weight()) {
+            Some((base, low_rank)) => Linear { weight: base.detach(), bias: l.bias().map(det), low_rank: Some(low_rank) },
+            None => Linear { weight: det(l.weight()), bias: l.bias().map(det), low_rank: l.low_rank.clone() },
+        };
         let norm = |n: &RmsNorm| RmsNorm { weight: det(&n.weight), eps: n.eps };
         let layers = self
             .layers
@@ -503,7 +556,9 @@ impl Llama {
     /// Whether every weight is a contiguous CPU f32 tensor (the plain-vector path reads
     /// them in place).
     fn raw_ok(&self, x: &Tensor) -> bool {
-        let lin_ok = |l: &Linear| kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(kernels::fused_ok);
+        let lin_ok = |l: &Linear| {
+            l.low_rank.is_none() && kernels::fused_ok(l.weight()) && l.weight().is_contiguous() && l.bias().is_none_or(kernels::fused_ok)
+        };
         self.use_fused(x)
             && lin_ok(&self.lm_head)
             && kernels::fused_ok(&self.norm.weight)

@@ -1,16 +1,18 @@
 //! LoRA (Hu et al. 2021): train a low-rank update `W = W0 + (alpha / r) · B · A` of chosen
 //! projection matrices instead of the matrices themselves, and save it as a PEFT adapter.
 //!
-//! How it is trained here: the model always runs on the merged weight `W`, so every fused
-//! kernel, the KV-cache sampler and the detectors see an ordinary Llama. The backward pass
-//! gives `dL/dW` for each target as for full fine-tuning, and the chain rule through
-//! `W = W0 + s·B·A` gives the adapter's exact gradients, `dL/dA = s·Bᵀ·dL/dW` and
-//! `dL/dB = s·dL/dW·Aᵀ`; only `A` and `B` have optimizer state, and after each step the
-//! targets are re-merged. This is the gradient PEFT computes, but not its cost: `dL/dW` is
-//! still formed, so a step costs what a full fine-tuning step costs. What LoRA buys here is
-//! an optimizer state of a few MB instead of 2× the model, an adapter a PEFT user can load,
-//! and the low-rank constraint itself. Adapter dropout needs the adapter path in the
-//! forward pass, so `dropout` must be 0 (an input error otherwise).
+//! How it is trained here: a training step runs on a view of the model
+//! (`Lora::training_view`) in which every weight is frozen and each adapted projection
+//! computes `x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` with the base `W0` and the adapters kept apart, as PEFT
+//! does, so the backward pass gives `A` and `B` their gradients directly and forms no
+//! full-size weight gradient (measured: see the README's SmolLM2 bench). After each step
+//! the targets are re-merged (`W = W0 + s·B·A`, in place), so every fused kernel, the
+//! KV-cache sampler and the detectors, which run on the model itself, see an ordinary
+//! Llama. The chain rule from a merged model's `dL/dW` (`dL/dA = s·Bᵀ·dL/dW`,
+//! `dL/dB = s·dL/dW·Aᵀ`, `Lora::adapter_grads`) gives the same gradients to rounding
+//! (tested), and is kept for callers that differentiate the merged model. Only `A` and `B`
+//! have optimizer state. Adapter dropout would need a dropout mask on the adapter's input,
+//! which is not implemented, so `dropout` must be 0 (an input error otherwise).
 //!
 //! Saved checkpoints hold the merged model (loadable by anything that reads HF Llama
 //! checkpoints) and the adapter in PEFT's layout next to it: `adapter_config.json` and
@@ -147,17 +149,18 @@ impl Lora {
         Ok(Self { cfg: cfg.clone(), adapters, base_model: base_model.to_string() })
     }
 
-    /// Whether `t` is one of the adapted weight matrices (by tensor identity).
-    pub fn is_target(&self, t: &Tensor) -> bool {
-        self.adapters.iter().any(|a| a.target.as_tensor().id() == t.id())
-    }
-
-    /// The model to run training steps on: `model` with every weight but the adapted
-    /// matrices frozen (`Llama::frozen_except`, storage shared, so merges show through),
-    /// so the backward pass forms no gradient for the embeddings, the tied head or the
-    /// norms, which LoRA does not train.
+    /// The model to run training steps on: `model` with every weight frozen and each
+    /// adapted matrix computing `x·W0ᵀ + s·(x·Aᵀ)·Bᵀ` with the adapters' own Vars
+    /// (`Llama::frozen_with_low_rank`), so the backward pass gives A and B their gradients
+    /// directly and forms no full-size weight gradient at all: no `dL/dW` for the adapted
+    /// matrices, none for the embeddings, the tied head or the norms.
     pub fn training_view(&self, model: &crate::model::Llama) -> crate::model::Llama {
-        model.frozen_except(|t| self.is_target(t))
+        let s = self.cfg.scale();
+        model.frozen_with_low_rank(|t| {
+            let ad = self.adapters.iter().find(|a| a.target.as_tensor().id() == t.id())?;
+            let low_rank = crate::model::llama::LowRank { a: ad.a.as_tensor().clone(), b: ad.b.as_tensor().clone(), scale: s };
+            Some((ad.base.clone(), low_rank))
+        })
     }
 
     /// The trainable tensors, by their PEFT names.
