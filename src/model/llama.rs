@@ -255,12 +255,12 @@ impl Linear {
         self.bias.as_ref()
     }
 
-    /// `s·(x·Aᵀ)·Bᵀ` for 2-D x, when this projection carries an unmerged update.
-    fn low_rank_term(&self, x: &Tensor, fused: bool) -> Result<Option<Tensor>> {
+    /// `s·(x·Aᵀ)·Bᵀ` for 2-D x through candle ops (the composite path; the fused path
+    /// runs the whole adapted projection as `kernels::lora_linear`).
+    fn low_rank_term(&self, x: &Tensor) -> Result<Option<Tensor>> {
         let Some(lr) = &self.low_rank else { return Ok(None) };
-        let h = if fused { kernels::linear(x, &lr.a)? } else { x.matmul(&lr.a.t()?)? }; // [N, r]
-        let y = if fused { kernels::linear(&h, &lr.b)? } else { h.matmul(&lr.b.t()?)? }; // [N, out]
-        Ok(Some((y * lr.scale)?))
+        let h = x.matmul(&lr.a.t()?)?; // [N, r]
+        Ok(Some((h.matmul(&lr.b.t()?)? * lr.scale)?)) // [N, out]
     }
 }
 
@@ -281,7 +281,7 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
     let rows = x.elem_count() / inp.max(1);
     let x2 = x.reshape((rows, inp))?;
     let y = x2.matmul(&w.t()?)?;
-    let y = match l.low_rank_term(&x2, false)? {
+    let y = match l.low_rank_term(&x2)? {
         Some(d) => (y + d)?,
         None => y,
     };
@@ -299,10 +299,9 @@ fn lin(l: &Linear, x: &Tensor) -> Result<Tensor> {
 /// A linear layer on 2-D x [N, in] through the fused op (one graph node, contiguous
 /// weight gradient).
 fn flin(l: &Linear, x: &Tensor) -> Result<Tensor> {
-    let y = kernels::linear(x, l.weight())?;
-    let y = match l.low_rank_term(x, true)? {
-        Some(d) => (y + d)?,
-        None => y,
+    let y = match &l.low_rank {
+        Some(lr) => kernels::lora_linear(x, l.weight(), &lr.a, &lr.b, lr.scale)?,
+        None => kernels::linear(x, l.weight())?,
     };
     match l.bias() {
         Some(b) => y.broadcast_add(b),
