@@ -14,7 +14,7 @@ products on 4-bit weights; an F32 file on f32), so run it on the same file a use
 The KV cache is cleared before each generation, so the prompt is always evaluated.
 
 llama.cpp's CPU backend repacks some quantized weights for its AMX / AVX-512 kernels
-("extra buffer types"). With llama-cpp-python 0.3.36 on a Sapphire Rapids CPU that path
+("extra buffer types"). With llama-cpp-python 0.3.36 on an AMX-capable Xeon that path
 segfaulted on SmolLM2's Q4_1 file as soon as a batch held more than one token (the
 prompt). So the measurement runs in a child process; if that child dies from a signal it
 is re-run with the repacking off (`use_extra_bufts = False`, llama.cpp's `--no-repack`),
