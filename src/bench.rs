@@ -141,7 +141,7 @@ pub fn run_one(spec: &BenchSpec, only: Option<&str>) -> Result<BenchResult> {
 }
 
 /// The median of `xs` (the mean of the middle two for an even count); None if empty.
-fn median(xs: &[f64]) -> Option<f64> {
+pub(crate) fn median(xs: &[f64]) -> Option<f64> {
     let mut v = xs.to_vec();
     v.sort_by(f64::total_cmp);
     let n = v.len();

