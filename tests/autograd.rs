@@ -91,3 +91,32 @@ fn an_unused_variable_gets_no_gradient() {
     assert_eq!(values(g.get(x.as_tensor()).unwrap()), vec![2.0, 4.0]);
     assert!(g.get(unused.as_tensor()).is_none());
 }
+
+#[test]
+fn large_gradients_are_summed_in_parallel_with_the_same_bits_as_a_plain_add() {
+    // 90,000 elements: above the patch's threshold for the rayon add (65,536).
+    let n = 300;
+    let vals = |seed: u32| -> Vec<f32> {
+        let mut s = seed;
+        (0..n * n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    };
+    let x = var(&vals(1), &[n, n]);
+    let a = Tensor::from_vec(vals(2), (n, n), &Device::Cpu).unwrap();
+    let b = Tensor::from_vec(vals(3), (n, n), &Device::Cpu).unwrap();
+    let c = Tensor::from_vec(vals(4), (n, n), &Device::Cpu).unwrap();
+    // Three uses: dy/dx = a + b + c, accumulated in some order of the three.
+    let t = x.as_tensor();
+    let y = ((t * &a).unwrap() + (t * &b).unwrap()).unwrap().add(&(t * &c).unwrap()).unwrap().sum_all().unwrap();
+    let g = y.backward().unwrap();
+    let got = values(g.get(t).unwrap());
+    let (av, bv, cv) = (values(&a), values(&b), values(&c));
+    for i in 0..n * n {
+        let orders = [(av[i] + bv[i]) + cv[i], (av[i] + cv[i]) + bv[i], (bv[i] + cv[i]) + av[i]];
+        assert!(orders.iter().any(|o| o.to_bits() == got[i].to_bits()), "element {i}: {} is no order of a + b + c", got[i]);
+    }
+}
