@@ -26,6 +26,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -142,7 +143,14 @@ def strip_manifest(text: str) -> str:
 
 
 def build(into: Path) -> None:
-    data = urllib.request.urlopen(URL, timeout=60).read()
+    for attempt in range(3):
+        try:
+            data = urllib.request.urlopen(URL, timeout=60).read()
+            break
+        except OSError as e:  # a transient network failure: try again, then give up loudly
+            if attempt == 2:
+                sys.exit(f"candle.py: cannot download {URL}: {e}")
+            time.sleep(5 * (attempt + 1))
     if hashlib.sha256(data).hexdigest() != SHA256:
         sys.exit(f"candle.py: {URL} does not have the expected sha256 {SHA256}")
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
