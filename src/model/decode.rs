@@ -318,11 +318,22 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
             kernels::rms_norm_rows_serial(unsafe { xs.slice(0, m * d) }, lw.ln2, w.eps, hn);
             let proj = Proj::new(isa, hn, m, d);
             for rows in claims(f, unit(f)) {
-                proj.rows(lw.gate, rows.clone(), scratch, |tile| tile.for_each(|j, r, v| unsafe { gs.write(j * f + r, v) }));
+                // The gate goes to `gs` feature-major ([F, m]: row n holds feature n of every
+                // sequence), so each tile is parked and fetched back with contiguous copies;
+                // this thread claimed these features, so it alone writes and reads them.
+                proj.rows(lw.gate, rows.clone(), scratch, |tile| {
+                    for r in 0..tile.nr {
+                        let dst = unsafe { gs.slice_mut((tile.n0 + r) * m + tile.j0, tile.mj) };
+                        dst.copy_from_slice(&tile.vals[r * tile.stride..r * tile.stride + tile.mj]);
+                    }
+                });
                 proj.rows(lw.up, rows, scratch, |tile| {
                     // silu(gate)·up over the tile's contiguous layout, so it vectorizes.
                     gated.resize(tile.vals.len(), 0.0);
-                    tile.for_each(|j, r, _| gated[(r - tile.n0) * tile.stride + j - tile.j0] = unsafe { gs.read(j * f + r) });
+                    for r in 0..tile.nr {
+                        let src = unsafe { gs.slice((tile.n0 + r) * m + tile.j0, tile.mj) };
+                        gated[r * tile.stride..r * tile.stride + tile.mj].copy_from_slice(src);
+                    }
                     for (g, u) in gated.iter_mut().zip(tile.vals) {
                         *g = kernels::silu(*g) * u;
                     }

@@ -54,7 +54,11 @@ impl Xt {
     /// Load x [m, k] (reusing the buffer).
     pub fn load(&mut self, x: &[f32], m: usize, k: usize) {
         let mp = m.div_ceil(L) * L;
-        self.buf.clear();
+        if m < mp {
+            // The padding columns must read as zeros.
+            self.buf.clear();
+        }
+        // Without padding every element is overwritten below, so old values may stay.
         self.buf.resize(k * mp, 0.0);
         for (j, xr) in x[..m * k].chunks_exact(k.max(1)).enumerate() {
             for (kk, &v) in xr.iter().enumerate() {
