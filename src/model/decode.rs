@@ -538,7 +538,7 @@ fn prefetch_row(buf: &[f32], at: usize, n: usize) {
 /// A buffer that the threads of one region share; see the SAFETY note in `forward`.
 ///
 /// Views (`offset`, `slice`, `slice_mut`) are bounds-checked in every build. The
-/// per-element accessors (`read`, `write`, `add`) check only in debug builds: checking
+/// per-element accessors (`write`, `add`) check only in debug builds: checking
 /// them always cost 5-8% of sampling throughput (d256, `bench --only sample`, 4
 /// interleaved runs each: 7,336-7,903 vs 7,657-8,689 tok/s), so `.ci/run` runs the
 /// model's unit tests in a debug build as well. What no check can see is a data race,
@@ -580,12 +580,6 @@ impl Shared {
     unsafe fn slice_mut<'a>(self, at: usize, n: usize) -> &'a mut [f32] {
         assert!(at + n <= self.len, "decode: slice {at}+{n} past {}", self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(at), n)
-    }
-    /// # Safety
-    /// The buffer is alive and no thread writes element i in this phase.
-    unsafe fn read(self, i: usize) -> f32 {
-        debug_assert!(i < self.len, "decode: read {i} past {}", self.len);
-        *self.ptr.add(i)
     }
     /// # Safety
     /// The buffer is alive and no other thread reads or writes element i in this phase.
