@@ -615,13 +615,33 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn a_second_signal_stops_without_waiting() {
     let mut server = Server::start(&["--max-batch", "1"]);
     let url = server.url("/v1/completions");
+    let body = json!({"prompt": vec!["\n\nHuman: Hi\n\nAssistant:"; 200], "max_tokens": 60, "temperature": 0}).to_string();
     // Slow: 200 prompts sampled one at a time.
-    let inflight = std::thread::spawn(move || {
-        let body = json!({"prompt": vec!["\n\nHuman: Hi\n\nAssistant:"; 200], "max_tokens": 60, "temperature": 0});
+    let inflight = {
+        let (url, body) = (url.clone(), body.clone());
         // The connection is cut: a transport error, not a status.
-        agent().post(&url).send(body.to_string().as_bytes()).ok().map(|r| r.status().as_u16())
-    });
+        std::thread::spawn(move || agent().post(&url).send(body.as_bytes()).ok().map(|r| r.status().as_u16()))
+    };
     wait_until_running(&server);
+    // Three more requests queued behind it, which a graceful shutdown also finishes: one
+    // request alone was once answered (exit 0) between the two signals, the sampler being
+    // fast enough to finish 200 short answers in that window.
+    let _queued: Vec<_> = (0..3)
+        .map(|_| {
+            let (url, body) = (url.clone(), body.clone());
+            std::thread::spawn(move || agent().post(&url).send(body.as_bytes()).ok().map(|r| r.status().as_u16()))
+        })
+        .collect();
+    let started = Instant::now();
+    loop {
+        let mut resp = agent().get(&server.url("/health")).call().expect("health");
+        let v: Value = resp.body_mut().read_json().expect("health JSON");
+        if v["waiting"].as_u64().unwrap_or(0) >= 3 || v["running"].as_u64().unwrap_or(0) == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the queued requests never arrived: {v}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
     let pid = server.child.id().to_string();
     let term = || assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     term();
