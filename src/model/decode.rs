@@ -274,7 +274,16 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                 };
                 let (wt, bias, n, out) = mats[i];
                 proj.rows(wt, u * units[i]..((u + 1) * units[i]).min(n), scratch, |tile| {
-                    tile.for_each(|j, r, v| unsafe { out.write(j * n + r, v + bias.map_or(0.0, |bb| bb[r])) });
+                    let bias = bias.map(|bb| &bb[tile.n0..tile.n0 + tile.nr]);
+                    tile.for_each_row(|j, row| {
+                        let dst = unsafe { out.slice_mut(j * n + tile.n0, row.len()) };
+                        // Without a bias 0.0 is added all the same (it turns -0.0 into +0.0),
+                        // as the per-element write did, so results keep their bits.
+                        match bias {
+                            Some(bb) => dst.iter_mut().zip(row.iter().zip(bb)).for_each(|(o, (v, b))| *o = v + b),
+                            None => dst.iter_mut().zip(row).for_each(|(o, v)| *o = v + 0.0),
+                        }
+                    });
                 });
             }
             barrier.wait();
@@ -311,7 +320,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
 
             let proj = Proj::new(isa, unsafe { atts.slice(0, m * h * e) }, m, h * e);
             for rows in claims(d, unit(d)) {
-                proj.rows(lw.o, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
+                proj.rows(lw.o, rows, scratch, |tile| tile.for_each_row(|j, row| unsafe { add_row(xs, j * d + tile.n0, row) }));
             }
             barrier.wait();
 
@@ -337,14 +346,15 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                     for (g, u) in gated.iter_mut().zip(tile.vals) {
                         *g = kernels::silu(*g) * u;
                     }
-                    Tile { vals: gated, ..*tile }.for_each(|j, r, a| unsafe { acts.write(j * f + r, a) });
+                    Tile { vals: gated, ..*tile }
+                        .for_each_row(|j, row| unsafe { acts.slice_mut(j * f + tile.n0, row.len()).copy_from_slice(row) });
                 });
             }
             barrier.wait();
 
             let proj = Proj::new(isa, unsafe { acts.slice(0, m * f) }, m, f);
             for rows in claims(d, unit(d)) {
-                proj.rows(lw.down, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { xs.add(j * d + r, v) }));
+                proj.rows(lw.down, rows, scratch, |tile| tile.for_each_row(|j, row| unsafe { add_row(xs, j * d + tile.n0, row) }));
             }
             barrier.wait();
             lockstep.wait();
@@ -362,7 +372,9 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
         let proj = Proj::new(isa, &hs, rows_out, d);
         for rows in claims(voc, unit(voc)) {
-            proj.rows(w.lm_head, rows, scratch, |tile| tile.for_each(|j, r, v| unsafe { ls.write(j * voc + r, v) }));
+            proj.rows(w.lm_head, rows, scratch, |tile| {
+                tile.for_each_row(|j, row| unsafe { ls.slice_mut(j * voc + tile.n0, row.len()).copy_from_slice(row) })
+            });
         }
     };
 
@@ -537,11 +549,11 @@ fn prefetch_row(buf: &[f32], at: usize, n: usize) {
 
 /// A buffer that the threads of one region share; see the SAFETY note in `forward`.
 ///
-/// Views (`offset`, `slice`, `slice_mut`) are bounds-checked in every build. The
-/// per-element accessors (`write`, `add`) check only in debug builds: checking
-/// them always cost 5-8% of sampling throughput (d256, `bench --only sample`, 4
-/// interleaved runs each: 7,336-7,903 vs 7,657-8,689 tok/s), so `.ci/run` runs the
-/// model's unit tests in a debug build as well. What no check can see is a data race,
+/// Every view (`offset`, `slice`, `slice_mut`) is bounds-checked in every build: outputs
+/// are written a row segment at a time, so the check is paid per segment, not per
+/// element (per-element writes checked only in debug builds until they were replaced by
+/// row segments). `.ci/run` still runs the model's unit tests in a debug build too.
+/// What no check can see is a data race,
 /// hence the `unsafe`: callers promise that no other thread writes the same elements in
 /// the same phase.
 #[derive(Clone, Copy)]
@@ -581,18 +593,14 @@ impl Shared {
         assert!(at + n <= self.len, "decode: slice {at}+{n} past {}", self.len);
         std::slice::from_raw_parts_mut(self.ptr.add(at), n)
     }
-    /// # Safety
-    /// The buffer is alive and no other thread reads or writes element i in this phase.
-    unsafe fn write(self, i: usize, v: f32) {
-        debug_assert!(i < self.len, "decode: write {i} past {}", self.len);
-        *self.ptr.add(i) = v;
-    }
-    /// # Safety
-    /// As `write`.
-    unsafe fn add(self, i: usize, v: f32) {
-        debug_assert!(i < self.len, "decode: add {i} past {}", self.len);
-        *self.ptr.add(i) += v;
-    }
+}
+
+/// x[at..at + row.len()] += row: a projection's output rows added to the residual stream.
+///
+/// # Safety
+/// As `Shared::slice_mut` for that range.
+unsafe fn add_row(x: Shared, at: usize, row: &[f32]) {
+    x.slice_mut(at, row.len()).iter_mut().zip(row).for_each(|(o, v)| *o += v);
 }
 
 /// A reusable barrier for the threads of one region: spin briefly (phases are
