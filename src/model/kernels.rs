@@ -269,6 +269,17 @@ unsafe fn written(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
     v
 }
 
+/// `c` set to zeros and viewed as initialised floats (the parallel fills below zero each
+/// chunk inside its own task).
+fn zeroed(c: &mut [std::mem::MaybeUninit<f32>]) -> &mut [f32] {
+    for s in c.iter_mut() {
+        s.write(0.0);
+    }
+    // SAFETY: every element was initialised just above, and MaybeUninit<f32> has the layout
+    // of f32.
+    unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) }
+}
+
 /// `len` floats computed chunk by chunk on the pool: `fill(i, chunk)` gets chunk i (of
 /// `chunk` floats, the last one shorter) zeroed, as `vec![0.0; len]` would give it. The
 /// zeroing happens inside each task, right before the chunk is written, instead of as
@@ -277,13 +288,7 @@ unsafe fn written(len: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
 fn par_zeroed(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync + Send) -> Vec<f32> {
     let mut v: Vec<f32> = Vec::with_capacity(len);
     v.spare_capacity_mut()[..len].par_chunks_mut(chunk.max(1)).enumerate().for_each(|(i, c)| {
-        for s in c.iter_mut() {
-            s.write(0.0);
-        }
-        // SAFETY: every element of `c` was initialised just above, and MaybeUninit<f32> has
-        // the layout of f32.
-        let c = unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast::<f32>(), c.len()) };
-        fill(i, c);
+        fill(i, zeroed(c));
     });
     // SAFETY: the chunks cover all `len` slots and each was initialised in its task.
     unsafe { v.set_len(len) };
@@ -294,18 +299,11 @@ fn par_zeroed(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32]) + Sync 
 fn par_zeroed2(len: usize, chunk: usize, fill: impl Fn(usize, &mut [f32], &mut [f32]) + Sync + Send) -> (Vec<f32>, Vec<f32>) {
     let (mut a, mut b): (Vec<f32>, Vec<f32>) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let ch = chunk.max(1);
-    a.spare_capacity_mut()[..len].par_chunks_mut(ch).zip(b.spare_capacity_mut()[..len].par_chunks_mut(ch)).enumerate().for_each(
-        |(i, (ca, cb))| {
-            for s in ca.iter_mut().chain(cb.iter_mut()) {
-                s.write(0.0);
-            }
-            // SAFETY: as in `par_zeroed`, for both chunks.
-            let ca = unsafe { std::slice::from_raw_parts_mut(ca.as_mut_ptr().cast::<f32>(), ca.len()) };
-            // SAFETY: as above.
-            let cb = unsafe { std::slice::from_raw_parts_mut(cb.as_mut_ptr().cast::<f32>(), cb.len()) };
-            fill(i, ca, cb);
-        },
-    );
+    a.spare_capacity_mut()[..len]
+        .par_chunks_mut(ch)
+        .zip(b.spare_capacity_mut()[..len].par_chunks_mut(ch))
+        .enumerate()
+        .for_each(|(i, (ca, cb))| fill(i, zeroed(ca), zeroed(cb)));
     // SAFETY: as in `par_zeroed`.
     unsafe {
         a.set_len(len);
@@ -399,11 +397,7 @@ impl CustomOp2 for RmsNormOp {
             .zip(xv.par_chunks((ch * d).max(1)))
             .zip(gv.par_chunks((ch * d).max(1)))
             .map(|((dxc, xc), gc)| {
-                for s in dxc.iter_mut() {
-                    s.write(0.0);
-                }
-                // SAFETY: initialised just above; MaybeUninit<f32> has the layout of f32.
-                let dxc = unsafe { std::slice::from_raw_parts_mut(dxc.as_mut_ptr().cast::<f32>(), dxc.len()) };
+                let dxc = zeroed(dxc);
                 let mut dw = vec![0f32; d];
                 for ((dxr, xr), gr) in dxc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
                     let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;

@@ -446,7 +446,9 @@ mod tests {
     /// exactly what `for_each` does.
     #[test]
     fn transpose_and_rows_match_the_scalar_definition() {
-        for &(rows, cols, sld, dld) in &[(1, 1, 1, 1), (4, 4, 4, 4), (5, 7, 9, 6), (12, 16, 16, 12), (13, 3, 5, 20), (8, 33, 40, 8), (0, 3, 3, 1)] {
+        for &(rows, cols, sld, dld) in
+            &[(1, 1, 1, 1), (4, 4, 4, 4), (5, 7, 9, 6), (12, 16, 16, 12), (13, 3, 5, 20), (8, 33, 40, 8), (0, 3, 3, 1)]
+        {
             let src: Vec<f32> = (0..rows * sld).map(|i| i as f32 + 0.5).collect();
             let mut dst = vec![-1f32; cols * dld];
             transpose(&src, sld, rows, cols, &mut dst, dld);
