@@ -641,23 +641,22 @@ impl SpinBarrier {
 mod tests {
     use super::*;
 
+    /// Views of a shared buffer are bounds-checked in every build: a row segment that
+    /// runs past the view panics before anything is written.
+    #[test]
+    #[should_panic(expected = "past 3")]
+    fn shared_buffer_views_are_bounds_checked() {
+        // A view of 3 inside a buffer of 4, so an unchecked write stays inside the allocation.
+        let mut v = [0f32; 4];
+        let s = Shared::new(&mut v[..3]);
+        // SAFETY: single-threaded; the segment 2..4 runs past the view and must panic.
+        unsafe { add_row(s, 2, &[1.0, 1.0]) };
+    }
+
     /// A random model, run as a 6-token prefill then 3 decode steps, must give bitwise
     /// the same logits and residuals on 1, 2 and 3 threads, and its prefill must agree
     /// with a token-by-token run (same function, different code paths through the cache).
     /// Batch 5 runs as one group shared by the threads, batch 48 as one group per thread.
-    /// The per-element accessors check bounds in debug builds, which `.ci/run` runs the
-    /// model's unit tests in (the main suite runs `--release`, where they are not checked).
-    #[test]
-    #[cfg(debug_assertions)]
-    #[should_panic(expected = "past 3")]
-    fn shared_buffer_accessors_are_bounds_checked_in_debug_builds() {
-        // A view of 3 inside a buffer of 4, so an unchecked write stays inside the allocation.
-        let mut v = [0f32; 4];
-        let s = Shared::new(&mut v[..3]);
-        // SAFETY: single-threaded; index 3 is past the view and must panic before writing.
-        unsafe { s.write(3, 1.0) };
-    }
-
     /// Every kernel path this CPU runs is checked, and all paths must agree bitwise.
     #[test]
     fn results_do_not_depend_on_threads_and_prefill_matches_steps() {
