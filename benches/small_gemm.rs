@@ -65,6 +65,23 @@ fn bench_path(isa: Isa) {
         let total = (2 * 2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9;
         println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, 2 threads"), total);
     }
+    // The tile kernel alone: xᵀ loaded once, outputs not written (what `linear_on` adds
+    // around it is the rest of the figures above).
+    for &(m, k, n) in &[(16, 256, 768), (16, 688, 768), (32, 512, 1376)] {
+        let x: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..n * k).map(|i| (i % 5) as f32 * 0.1).collect();
+        let mut xt = small_gemm::Xt::default();
+        xt.load(&x, m, k);
+        let (mut scratch, mut sink) = (Vec::new(), 0f32);
+        let reps = (4_000_000_000 / (2 * m * k * n)).max(10);
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            small_gemm::rows(isa, &xt, &w, 0..n, &mut scratch, |t| sink += t.vals[0]);
+        }
+        let rate = (2 * m * k * n * reps) as f64 / t0.elapsed().as_secs_f64() / 1e9;
+        std::hint::black_box(sink);
+        println!("{:<28} {:>12.1}", format!("{m} x {k} x {n}, tiles only"), rate);
+    }
     // The ceiling: fused multiply-adds alone, no memory traffic.
     if let Some(one) = fma_peak(isa) {
         let both: f64 = std::thread::scope(|s| {
