@@ -75,13 +75,7 @@ pub fn num_threads() -> usize {
 /// the test); below -87 it returns 0, above 88 it saturates at e^88.
 #[inline(always)]
 pub(crate) fn fast_exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    let xc = x.clamp(-87.0, 88.0);
-    let n = (xc * LOG2E + 0.5).floor();
-    // ln 2 split in two so n·ln2 is exact in the first part.
-    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
-    let e = (p * r * r + r) + 1.0;
+    let (n, e) = exp_parts(x);
     // n is a whole number in [-125, 127]; adding 1.5·2^23 puts it, exactly, in the low bits
     // of the mantissa. This is `n as i32` without Rust's saturating cast, which the
     // compiler does one lane at a time: loops over this function vectorized only in part
@@ -95,6 +89,19 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     } else {
         scaled
     }
+}
+
+/// `fast_exp`'s argument reduction and polynomial: x (clamped to [-87, 88]) = n·ln2 + r,
+/// returning n (a whole number, as f32) and e^r.
+#[inline(always)]
+fn exp_parts(x: f32) -> (f32, f32) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * LOG2E + 0.5).floor();
+    // ln 2 split in two so n·ln2 is exact in the first part.
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
+    (n, (p * r * r + r) + 1.0)
 }
 
 /// Softmax over the first `valid` entries of an attention-score row (the causally visible
@@ -1095,18 +1102,13 @@ mod tests {
         assert!(fast_exp(1000.0).is_finite() && fast_exp(f32::NEG_INFINITY) == 0.0);
     }
 
-    /// `fast_exp` as first written, with the saturating `n as i32`: the vectorizable form
+    /// `fast_exp` as first written, 2^n from the saturating `n as i32`: the vectorizable form
     /// must give the same bits for every input (a sweep over the whole f32 range by bit
     /// pattern, plus the edges), so nothing trained or sampled with it changes.
     #[test]
     fn fast_exp_equals_its_cast_form_bitwise() {
         fn reference(x: f32) -> f32 {
-            const LOG2E: f32 = std::f32::consts::LOG2_E;
-            let xc = x.clamp(-87.0, 88.0);
-            let n = (xc * LOG2E + 0.5).floor();
-            let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
-            let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1) * r + 0.5;
-            let e = (p * r * r + r) + 1.0;
+            let (n, e) = super::exp_parts(x);
             let scaled = e * f32::from_bits(((n as i32 + 127) << 23) as u32);
             if x < -87.0 {
                 0.0
