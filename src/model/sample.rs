@@ -90,6 +90,21 @@ pub fn generate_batch(
     seed: u64,
     first_row: usize,
 ) -> Result<Vec<Sample>> {
+    generate_batch_observed(model, tok, prompts, cfg, seed, first_row, &mut |_, _| {})
+}
+
+/// [`generate_batch`], calling `on_token(row, token)` with each token as soon as it is drawn
+/// (the end token included), e.g. to stream answers while the batch is still sampling.
+/// The observer sees the tokens; it cannot change them.
+pub fn generate_batch_observed(
+    model: &Llama,
+    tok: &Tok,
+    prompts: &[Vec<u32>],
+    cfg: &SampleConfig,
+    seed: u64,
+    first_row: usize,
+    on_token: &mut dyn FnMut(usize, u32),
+) -> Result<Vec<Sample>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(vec![]);
@@ -128,6 +143,7 @@ pub fn generate_batch(
             } else {
                 let t = sample_token(&rows[r], cfg.temperature, cfg.top_p, &mut rngs[r]);
                 generated[r].push(t);
+                on_token(r, t);
                 if t == eos || generated[r].len() >= cfg.max_new_tokens {
                     done[r] = true;
                 }

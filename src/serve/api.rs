@@ -134,8 +134,11 @@ pub struct CompletionRequest {
     pub stop: Option<StopInput>,
     #[serde(default)]
     pub n: Option<usize>,
+    /// Send the answer as server-sent events, token by token.
     #[serde(default)]
     pub stream: bool,
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
 }
 
 /// One chat message. `content` may be a string or a list of `{"type":"text","text":..}` parts.
@@ -178,10 +181,21 @@ pub struct ChatRequest {
     pub stop: Option<StopInput>,
     #[serde(default)]
     pub n: Option<usize>,
+    /// Send the answer as server-sent events, token by token.
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
     pub logprobs: Option<bool>,
+}
+
+/// `stream_options` of a streamed request.
+#[derive(Clone, Copy, Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// End the stream with a chunk that has no choices and the request's `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
 }
 
 /// Legacy completions `logprobs` object.

@@ -7,6 +7,7 @@
 //!   waiting requests into the KV-cache sampler.
 //! - [`routes`]: `GET /v1/models`, `POST /v1/completions` (prompt logprobs with `echo`),
 //!   `POST /v1/chat/completions`, and `GET /health` (requests waiting and running).
+//! - [`stream`]: `"stream": true` answers as server-sent events, token by token.
 //!
 //! Limits: it listens on loopback unless told otherwise; bodies over `max_body_bytes` get
 //! 413; prompt + `max_tokens` over the context get 400; more than `max_queue` waiting
@@ -15,6 +16,7 @@
 
 pub mod api;
 pub mod routes;
+pub mod stream;
 pub mod worker;
 
 use std::path::PathBuf;

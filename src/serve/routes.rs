@@ -1,5 +1,5 @@
 //! The HTTP routes: parse and check a request, queue it for the worker, wait (bounded by
-//! the request timeout), and answer in OpenAI's shape.
+//! the request timeout), and answer in OpenAI's shape, whole or streamed ([`super::stream`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -14,10 +14,11 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::api::{ApiError, ChatRequest, CompletionRequest, Logprobs, Prompt, Usage};
-use super::worker::{GenParams, Job, Queue, RowOut, SubmitError, TokenLogprob, WantLogprobs};
+use super::stream::{self, Kind};
+use super::worker::{GenParams, Job, Queue, Reply, RowOut, SubmitError, TokenLogprob, WantLogprobs};
 use crate::model::Tok;
 
 /// Most prompts in one request (after `n` copies).
@@ -96,11 +97,7 @@ fn check_params(
     top_p: Option<f64>,
     seed: Option<super::api::Seed>,
     n: Option<usize>,
-    stream: bool,
 ) -> Result<(f64, f64, Option<u64>, usize), ApiError> {
-    if stream {
-        return Err(ApiError::invalid("stream: streaming is not supported by this server; send stream=false"));
-    }
     let temperature = temperature.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::invalid(format!("temperature {temperature} is outside [0, 2]")));
@@ -138,21 +135,31 @@ fn encode(st: &AppState, p: &Prompt, max_tokens: usize, index: usize) -> Result<
     Ok(ids)
 }
 
-/// Queue a job and wait for its rows: 429 when the queue is full, 503 while shutting
-/// down, 504 past the request timeout.
-async fn submit(st: &AppState, prompts: Vec<Vec<u32>>, params: GenParams, logprobs: Option<WantLogprobs>) -> Result<Vec<RowOut>, ApiError> {
+/// Queue a job: 429 when the queue is full, 503 while shutting down. `tokens` receives a
+/// streamed job's tokens as they are sampled.
+fn enqueue(
+    st: &AppState,
+    prompts: Vec<Vec<u32>>,
+    params: GenParams,
+    logprobs: Option<WantLogprobs>,
+    tokens: Option<mpsc::UnboundedSender<(usize, u32)>>,
+) -> Result<oneshot::Receiver<Reply>, ApiError> {
     let (tx, rx) = oneshot::channel();
-    let job = Job { prompts, params, logprobs, reply: tx };
-    if let Err((why, _)) = st.queue.submit(job) {
-        return Err(match why {
-            SubmitError::Full => ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limit_error",
-                format!("the server is busy: {} requests are already waiting (--max-queue); retry later", st.max_queue),
-            ),
-            SubmitError::Closed => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down"),
-        });
+    let job = Job { prompts, params, logprobs, reply: tx, tokens };
+    match st.queue.submit(job) {
+        Ok(()) => Ok(rx),
+        Err((SubmitError::Full, _)) => Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            format!("the server is busy: {} requests are already waiting (--max-queue); retry later", st.max_queue),
+        )),
+        Err((SubmitError::Closed, _)) => Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "the server is shutting down")),
     }
+}
+
+/// Queue a job and wait for its rows: [`enqueue`]'s errors, and 504 past the request timeout.
+async fn submit(st: &AppState, prompts: Vec<Vec<u32>>, params: GenParams, logprobs: Option<WantLogprobs>) -> Result<Vec<RowOut>, ApiError> {
+    let rx = enqueue(st, prompts, params, logprobs, None)?;
     match tokio::time::timeout(st.timeout, rx).await {
         Err(_) => Err(ApiError::new(
             StatusCode::GATEWAY_TIMEOUT,
@@ -166,7 +173,7 @@ async fn submit(st: &AppState, prompts: Vec<Vec<u32>>, params: GenParams, logpro
 }
 
 /// Cut `text` at the first stop string; whether one was found.
-fn apply_stop(text: &str, stop: &[String]) -> (String, bool) {
+pub(super) fn apply_stop(text: &str, stop: &[String]) -> (String, bool) {
     let cut = stop.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min();
     match cut {
         Some(i) => (text[..i].to_string(), true),
@@ -174,7 +181,7 @@ fn apply_stop(text: &str, stop: &[String]) -> (String, bool) {
     }
 }
 
-fn finish_reason(row: &RowOut, max_tokens: usize, stopped: bool) -> &'static str {
+pub(super) fn finish_reason(row: &RowOut, max_tokens: usize, stopped: bool) -> &'static str {
     if stopped || row.tokens.len() < max_tokens {
         "stop"
     } else {
@@ -206,15 +213,22 @@ fn logprobs_json(tok: &Tok, lps: &[TokenLogprob], cut: usize) -> Logprobs {
 }
 
 async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match completions_inner(&st, body).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    completions_inner(&st, body).await.unwrap_or_else(|e| e.into_response())
 }
 
-async fn completions_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+/// A streamed request: queue it with a token channel and answer with its event stream.
+fn stream_job(st: &Arc<AppState>, spec: stream::Spec, prompts: Vec<Vec<u32>>, params: GenParams) -> Result<Response, ApiError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let reply = enqueue(st, prompts, params, None, Some(tx))?;
+    Ok(stream::respond(st.clone(), spec, rx, reply))
+}
+
+async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: CompletionRequest = parse_body(st, body)?;
-    let (temperature, top_p, seed, n) = check_params(req.temperature, req.top_p, req.seed, req.n, req.stream)?;
+    let (temperature, top_p, seed, n) = check_params(req.temperature, req.top_p, req.seed, req.n)?;
+    if req.stream && (req.logprobs.is_some() || req.echo) {
+        return Err(ApiError::invalid("stream: logprobs and echo are not streamed by this server; send stream=false for them"));
+    }
     let max_tokens = req.max_tokens.unwrap_or(16);
     if let Some(k) = req.logprobs {
         if k > MAX_TOP_LOGPROBS {
@@ -247,6 +261,20 @@ async fn completions_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -
     }
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
     let params = GenParams { temperature, top_p, max_tokens, seed: if temperature > 0.0 { seed } else { None } };
+    if req.stream {
+        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+        let spec = stream::Spec {
+            kind: Kind::Completion,
+            id: format!("cmpl-{id}"),
+            created: unix_now(),
+            rows: ids.len(),
+            max_tokens,
+            stop,
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            prompt_tokens,
+        };
+        return stream_job(st, spec, ids, params);
+    }
     let want = req.logprobs.map(|top| WantLogprobs { top, echo: req.echo });
     let rows = submit(st, ids.clone(), params, want).await?;
     let mut completion_tokens = 0;
@@ -271,8 +299,9 @@ async fn completions_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -
         .collect();
     let usage = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
     let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-    Ok(json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": unix_now(), "model": st.name,
+    Ok(Json(json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": unix_now(), "model": st.name,
               "choices": choices, "usage": usage}))
+    .into_response())
 }
 
 /// The prompt for a chat: the checkpoint's chat template when it has one, else the
@@ -294,15 +323,12 @@ pub fn render_chat(tok: &Tok, messages: &[super::api::ChatMessage]) -> Result<St
 }
 
 async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
-    match chat_inner(&st, body).await {
-        Ok(v) => Json(v).into_response(),
-        Err(e) => e.into_response(),
-    }
+    chat_inner(&st, body).await.unwrap_or_else(|e| e.into_response())
 }
 
-async fn chat_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<Value, ApiError> {
+async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(st, body)?;
-    let (temperature, top_p, seed, n) = check_params(req.temperature, req.top_p, req.seed, req.n, req.stream)?;
+    let (temperature, top_p, seed, n) = check_params(req.temperature, req.top_p, req.seed, req.n)?;
     if req.logprobs == Some(true) {
         return Err(ApiError::invalid("logprobs: not supported on chat completions; use /v1/completions with logprobs"));
     }
@@ -318,6 +344,20 @@ async fn chat_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
     let stop = req.stop.map(|s| s.into_vec()).unwrap_or_default();
     let params = GenParams { temperature, top_p, max_tokens, seed: if temperature > 0.0 { seed } else { None } };
     let prompt_tokens = ids.len() * n;
+    if req.stream {
+        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
+        let spec = stream::Spec {
+            kind: Kind::Chat,
+            id: format!("chatcmpl-{id}"),
+            created: unix_now(),
+            rows: n,
+            max_tokens,
+            stop,
+            include_usage: req.stream_options.is_some_and(|o| o.include_usage),
+            prompt_tokens,
+        };
+        return stream_job(st, spec, vec![ids; n], params);
+    }
     let rows = submit(st, vec![ids; n], params, None).await?;
     let completion_tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
     let choices: Vec<Value> = rows
@@ -331,8 +371,9 @@ async fn chat_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Resul
         .collect();
     let usage = Usage { prompt_tokens, completion_tokens, total_tokens: prompt_tokens + completion_tokens };
     let id = st.next_id.fetch_add(1, Ordering::Relaxed);
-    Ok(json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": unix_now(), "model": st.name,
+    Ok(Json(json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": unix_now(), "model": st.name,
               "choices": choices, "usage": usage}))
+    .into_response())
 }
 
 #[cfg(test)]

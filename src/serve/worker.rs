@@ -6,6 +6,9 @@
 //! depends on its row index, see `model::sample`).
 //!
 //! Log-probabilities come from one full forward over prompt + answer and a log-softmax.
+//!
+//! A streaming job also gets each of its tokens the moment the sampler draws it, on its
+//! own channel; its rows are the same as if it had not streamed.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -14,9 +17,9 @@ use std::sync::{Arc, Condvar, Mutex};
 
 use anyhow::Result;
 use candle_core::{DType, Tensor, D};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
-use crate::model::sample::generate_batch;
+use crate::model::sample::generate_batch_observed;
 use crate::model::{Llama, SampleConfig, Tok};
 use crate::train::Trainable;
 
@@ -82,6 +85,9 @@ pub struct Job {
     pub params: GenParams,
     pub logprobs: Option<WantLogprobs>,
     pub reply: oneshot::Sender<Reply>,
+    /// For a streamed request: (row of this job, token) for every token as it is sampled,
+    /// the end token included. Dropped (closing the channel) before `reply` is sent.
+    pub tokens: Option<mpsc::UnboundedSender<(usize, u32)>>,
 }
 
 /// Why a job was not queued.
@@ -190,7 +196,7 @@ impl Queue {
 
 /// The worker loop: run batches until the queue is closed and empty.
 pub fn run(model: Trainable, queue: Arc<Queue>, max_rows: usize) {
-    while let Some(batch) = queue.next_batch(max_rows) {
+    while let Some(mut batch) = queue.next_batch(max_rows) {
         queue.running.store(batch.len(), Ordering::Relaxed);
         let result = catch_unwind(AssertUnwindSafe(|| run_batch(&model.model, &model.tok, &batch, max_rows)));
         queue.running.store(0, Ordering::Relaxed);
@@ -199,6 +205,11 @@ pub fn run(model: Trainable, queue: Arc<Queue>, max_rows: usize) {
             Ok(Err(e)) => Err(format!("{e:#}")),
             Err(_) => Err("the model panicked on this batch".to_string()),
         };
+        // Close every token channel before the replies go out, so a streaming handler that
+        // sees its channel end has every token and can wait for the reply.
+        for job in &mut batch {
+            job.tokens = None;
+        }
         match result {
             Ok(mut rows) => {
                 for job in batch {
@@ -230,8 +241,18 @@ fn run_batch(model: &Llama, tok: &Tok, batch: &[Job], max_rows: usize) -> Result
             batch_size: max_rows.max(1),
         };
         let seed = params.seed.unwrap_or_else(rand::random);
+        // Batch row -> (job, row of that job), for the streaming jobs' channels.
+        let owner: Vec<(usize, usize)> =
+            batch.iter().enumerate().flat_map(|(j, job)| (0..job.prompts.len()).map(move |r| (j, r))).collect();
         for (i, chunk) in prompts.chunks(cfg.batch_size).enumerate() {
-            samples.extend(generate_batch(model, tok, chunk, &cfg, seed, i * cfg.batch_size)?);
+            let first = i * cfg.batch_size;
+            let mut on_token = |r: usize, t: u32| {
+                let (j, row) = owner[first + r];
+                if let Some(tx) = &batch[j].tokens {
+                    let _ = tx.send((row, t)); // the client may have gone
+                }
+            };
+            samples.extend(generate_batch_observed(model, tok, chunk, &cfg, seed, first, &mut on_token)?);
         }
     } else {
         samples.resize(prompts.len(), crate::model::Sample { text: String::new(), tokens: Vec::new() });
@@ -291,7 +312,7 @@ mod tests {
     fn job(temperature: f64, seed: Option<u64>, rows: usize) -> (Job, oneshot::Receiver<Reply>) {
         let (tx, rx) = oneshot::channel();
         let params = GenParams { temperature, top_p: 0.9, max_tokens: 8, seed };
-        (Job { prompts: vec![vec![1]; rows], params, logprobs: None, reply: tx }, rx)
+        (Job { prompts: vec![vec![1]; rows], params, logprobs: None, reply: tx, tokens: None }, rx)
     }
 
     #[test]
