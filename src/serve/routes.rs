@@ -61,7 +61,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-fn unix_now() -> u64 {
+pub(super) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -262,11 +262,8 @@ async fn completions_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejectio
     let prompt_tokens: usize = ids.iter().map(Vec::len).sum();
     let params = GenParams { temperature, top_p, max_tokens, seed: if temperature > 0.0 { seed } else { None } };
     if req.stream {
-        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
         let spec = stream::Spec {
             kind: Kind::Completion,
-            id: format!("cmpl-{id}"),
-            created: unix_now(),
             rows: ids.len(),
             max_tokens,
             stop,
@@ -345,11 +342,8 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> 
     let params = GenParams { temperature, top_p, max_tokens, seed: if temperature > 0.0 { seed } else { None } };
     let prompt_tokens = ids.len() * n;
     if req.stream {
-        let id = st.next_id.fetch_add(1, Ordering::Relaxed);
         let spec = stream::Spec {
             kind: Kind::Chat,
-            id: format!("chatcmpl-{id}"),
-            created: unix_now(),
             rows: n,
             max_tokens,
             stop,

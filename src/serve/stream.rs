@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::api::Usage;
-use super::routes::{apply_stop, finish_reason, AppState};
+use super::routes::{apply_stop, finish_reason, unix_now, AppState};
 use super::worker::Reply;
 use crate::model::Tok;
 
@@ -34,9 +35,6 @@ pub enum Kind {
 /// What a stream needs to know about its request.
 pub struct Spec {
     pub kind: Kind,
-    /// `cmpl-N` or `chatcmpl-N`, the same in every chunk.
-    pub id: String,
-    pub created: u64,
     /// Answer rows (prompts × n).
     pub rows: usize,
     pub max_tokens: usize,
@@ -92,6 +90,9 @@ fn held_back(text: &str, stop: &[String]) -> usize {
 struct Stream {
     st: Arc<AppState>,
     spec: Spec,
+    /// `cmpl-N` or `chatcmpl-N`, the same in every chunk.
+    id: String,
+    created: u64,
     rows: Vec<RowText>,
     /// Open until the worker has sent every token of this request.
     tokens: Option<mpsc::UnboundedReceiver<(usize, u32)>>,
@@ -119,7 +120,7 @@ impl Stream {
     }
 
     fn envelope(&self, object: &str, choices: Value, usage: Option<Usage>) -> String {
-        let mut v = json!({"id": self.spec.id, "object": object, "created": self.spec.created, "model": self.st.name, "choices": choices});
+        let mut v = json!({"id": self.id, "object": object, "created": self.created, "model": self.st.name, "choices": choices});
         if let Some(u) = usage {
             v["usage"] = json!(u);
         }
@@ -181,8 +182,11 @@ impl Stream {
 /// The SSE response for a queued job: its token channel and its reply.
 pub fn respond(st: Arc<AppState>, spec: Spec, tokens: mpsc::UnboundedReceiver<(usize, u32)>, reply: oneshot::Receiver<Reply>) -> Response {
     let deadline = Instant::now() + st.timeout;
+    let n = st.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = if spec.kind == Kind::Chat { format!("chatcmpl-{n}") } else { format!("cmpl-{n}") };
     let rows = (0..spec.rows).map(|_| RowText::default()).collect();
-    let mut s = Stream { st, spec, rows, tokens: Some(tokens), reply: Some(reply), deadline, out: VecDeque::new() };
+    let mut s =
+        Stream { st, spec, id, created: unix_now(), rows, tokens: Some(tokens), reply: Some(reply), deadline, out: VecDeque::new() };
     if s.spec.kind == Kind::Chat {
         // OpenAI's first chunk of each choice names the role.
         for i in 0..s.spec.rows {
