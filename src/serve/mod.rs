@@ -5,7 +5,7 @@
 //! - [`api`]: request / response / error shapes.
 //! - [`worker`]: the bounded queue and the one thread that owns the model and batches
 //!   waiting requests into the KV-cache sampler.
-//! - [`routes`]: `GET /v1/models`, `POST /v1/completions` (prompt logprobs with `echo`),
+//! - [`routes`]: `GET /v1/models` (and `/v1/models/{id}`), `POST /v1/completions` (prompt logprobs with `echo`),
 //!   `POST /v1/chat/completions`, and `GET /health` (requests waiting and running).
 //! - [`stream`]: `"stream": true` answers as server-sent events, token by token.
 //!

