@@ -339,6 +339,38 @@ mod tests {
         assert_eq!(q.submit(f).err().map(|x| x.0), Some(SubmitError::Closed));
     }
 
+    /// A streamed job that shares its batch with another and straddles two sampler chunks
+    /// gets exactly its own rows' tokens on its channel, before its reply.
+    #[test]
+    fn a_streamed_job_gets_its_own_rows_tokens_in_a_shared_batch() {
+        let tok = Tok::train(["ab cd ef gh ij", "kl mn op"].iter().copied().cycle().take(20), 270).expect("tokenizer");
+        let cfg = crate::model::presets::preset("nano", tok.vocab_size(), 64).expect("preset");
+        let varmap = candle_nn::VarMap::new();
+        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &candle_core::Device::Cpu);
+        let model = Llama::new(&cfg, vb).expect("model"); // random weights: any tokens will do
+        let params = GenParams { temperature: 0.0, top_p: 1.0, max_tokens: 6, seed: None };
+        let prompt = |s: &str| tok.encode_raw(s).expect("encode");
+        let (a, _ra) = oneshot::channel();
+        let (b, _rb) = oneshot::channel();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let plain = Job { prompts: vec![prompt("ab"), prompt("cd ef")], params, logprobs: None, reply: a, tokens: None };
+        let streamed =
+            Job { prompts: vec![prompt("gh"), prompt("ij kl"), prompt("mn")], params, logprobs: None, reply: b, tokens: Some(tx) };
+        // Rows 0-1 are the plain job's; the streamed job's rows 2, 3 | 4 fall in two chunks of 4.
+        let rows = run_batch(&model, &tok, &[plain, streamed], 4).expect("batch");
+        let mut got = vec![Vec::new(); 3];
+        while let Ok((row, t)) = rx.try_recv() {
+            got[row].push(t);
+        }
+        for (r, tokens) in got.iter_mut().enumerate() {
+            if tokens.last() == Some(&tok.eos_id) {
+                tokens.pop(); // the sampler drops the end token from its rows
+            }
+            assert_eq!(*tokens, rows[2 + r].tokens, "streamed row {r}");
+        }
+        assert!(got.iter().map(Vec::len).sum::<usize>() > 0, "nothing was sampled");
+    }
+
     #[test]
     fn abandoned_jobs_are_dropped() {
         let q = Queue::new(4);
