@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Load report.html files in headless Chromium and fail on a broken page.
 
-    python3 scripts/check_report_html.py REPORT.html [REPORT.html ...]
+    python3 scripts/check_report_html.py [--static] REPORT.html [REPORT.html ...]
 
 Chromium (Debian's `chromium` package; or set CHROMIUM=/path/to/browser) renders each file
-from disk with no network, and the DOM it ends with is checked:
+from disk with no network, and the DOM it ends with is checked. With --static (for machines
+without a browser) the file as written is checked instead, and scripts are not run, so
+script errors go unseen; the other checks are the same:
 - the page rendered (a <h1> and a body), and the browser logged no script error
   ("Uncaught ..." or a CONSOLE error) while loading it;
 - every <table> has a header row and at least one body row with a non-empty cell;
@@ -84,7 +86,10 @@ def browser():
 
 
 def check(path, exe):
-    problems = []
+    """The problems of one page, its table count and its figure count. `exe` None: static."""
+    if exe is None:
+        with open(path, encoding="utf-8") as f:
+            return inspect(path, f.read(), [], "; static check")
     with tempfile.TemporaryDirectory() as profile:
         cmd = [
             exe, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -94,13 +99,17 @@ def check(path, exe):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
-            return ["Chromium did not finish loading the page within 120 s"]
+            return ["Chromium did not finish loading the page within 120 s"], 0, 0
     errors = [l for l in out.stderr.splitlines() if "Uncaught" in l or ("CONSOLE" in l and "error" in l.lower())]
-    problems += [f"script error: {e.strip()}" for e in errors]
+    problems = [f"script error: {e.strip()}" for e in errors]
+    return inspect(path, out.stdout, problems, f"; Chromium exit {out.returncode}")
+
+
+def inspect(path, html, problems, how=""):
     dom = Dom()
-    dom.feed(out.stdout)
+    dom.feed(html)
     if not dom.body or dom.h1 == 0:
-        problems.append(f"the page did not render (no body or no <h1>; Chromium exit {out.returncode})")
+        problems.append(f"the page did not render (no body or no <h1>{how})")
     for i, t in enumerate(dom.tables):
         if t["header"] == 0:
             problems.append(f"table {i + 1} has no header row")
@@ -123,23 +132,21 @@ def check(path, exe):
 
 def main():
     files = sys.argv[1:]
+    static = "--static" in files
+    files = [f for f in files if f != "--static"]
     if not files or any(f in ("-h", "--help") for f in files):
         print(__doc__.strip())
         return 2
-    exe = browser()
-    if exe is None:
-        print("no Chromium found (apt-get install chromium, or set CHROMIUM)", file=sys.stderr)
+    exe = None if static else browser()
+    if exe is None and not static:
+        print("no Chromium found (apt-get install chromium, or set CHROMIUM; or --static)", file=sys.stderr)
         return 2
     bad = 0
     for f in files:
         if not os.path.isfile(f):
             print(f"{f}: not found", file=sys.stderr)
             return 2
-        result = check(f, exe)
-        if isinstance(result, list):
-            problems, tables, figures = result, 0, 0
-        else:
-            problems, tables, figures = result
+        problems, tables, figures = check(f, exe)
         if problems:
             bad += 1
             print(f"{f}: BROKEN")
